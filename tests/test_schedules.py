@@ -1,0 +1,35 @@
+"""Old-policy and EMA schedules, and the soft update, against hand-computed values."""
+
+import pytest
+import torch
+
+from fastnft.schedules import ema_decay, old_policy_eta, soft_update
+
+
+def test_schedule_one():
+    assert old_policy_eta(1, 1) == pytest.approx(0.001)
+    assert old_policy_eta(1, 250) == pytest.approx(0.25)
+    assert old_policy_eta(1, 500) == 0.5 and old_policy_eta(1, 10_000) == 0.5
+
+
+def test_schedule_two_and_zero():
+    assert old_policy_eta(2, 74) == 0.0
+    assert old_policy_eta(2, 75) == 0.0
+    assert old_policy_eta(2, 76) == pytest.approx(0.0075)
+    assert old_policy_eta(2, 208) < 0.999 and old_policy_eta(2, 209) == 0.999
+    assert old_policy_eta(0, 123) == 0.0
+    with pytest.raises(ValueError, match="schedule"):
+        old_policy_eta(3, 1)
+
+
+def test_ema_decay_counts_the_current_step():
+    assert ema_decay(1) == pytest.approx(2 / 11)
+    assert ema_decay(80) == 0.9 and ema_decay(79) == pytest.approx(80 / 89)
+
+
+def test_soft_update_is_a_lerp():
+    target, source = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0])
+    soft_update([target], [source], 0.25)
+    assert torch.allclose(target, torch.tensor([0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * -2]))
+    with pytest.raises(ValueError, match="targets"):
+        soft_update([target], [], 0.5)
