@@ -21,7 +21,8 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
 
-JOINT_ATTENTION_PROJECTIONS = [
+# The default LoRA targets of the SD3 family: its eight joint-attention projections.
+JOINT_ATTENTION_PROJECTIONS = (
     "attn.to_q",
     "attn.to_k",
     "attn.to_v",
@@ -30,7 +31,7 @@ JOINT_ATTENTION_PROJECTIONS = [
     "attn.add_k_proj",
     "attn.add_v_proj",
     "attn.to_add_out",
-]
+)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class LoraConfig:
     rank: int = 32
     alpha: int = 64
     init: str = "gaussian"
-    target_modules: list[str] = field(default_factory=lambda: list(JOINT_ATTENTION_PROJECTIONS))
+    target_modules: list[str] = field(default_factory=list)  # empty: the model family's default targets
 
 
 @dataclass
@@ -355,15 +356,38 @@ def validate(config: Config, base: Path) -> None:
         value = _get(config, name)
         _require(value in allowed, name, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
     positive = [
-        "iterations", "model.resolution", "model.clip_max_length", "model.t5_max_length", "lora.rank",
-        "lora.alpha", "rollout.groups", "rollout.batch_size", "rollout.steps", "rollout.shift", "nft.beta",
-        "nft.adv_clip_max", "nft.eps", "nft.micro_batch_size", "optim.lr", "optim.steps_per_iteration",
-        "eval.steps", "eval.batch_size", "checkpoint.keep_last", "compile.recompile_limit",
-    ]  # fmt: skip
+        "iterations",
+        "model.resolution",
+        "model.clip_max_length",
+        "model.t5_max_length",
+        "lora.rank",
+        "lora.alpha",
+        "rollout.groups",
+        "rollout.batch_size",
+        "rollout.steps",
+        "rollout.shift",
+        "nft.beta",
+        "nft.adv_clip_max",
+        "nft.eps",
+        "nft.micro_batch_size",
+        "optim.lr",
+        "optim.steps_per_iteration",
+        "eval.steps",
+        "eval.batch_size",
+        "checkpoint.keep_last",
+        "compile.recompile_limit",
+    ]
     for name in positive:
         _require(_get(config, name) > 0, name, f"must be > 0; got {_get(config, name)!r}")
-    for name in ["nft.kl_coef", "optim.weight_decay", "optim.grad_clip", "eval.every", "checkpoint.every",
-                 "rollout.sde_noise_level", "logging.sample_grid_every"]:  # fmt: skip
+    for name in [
+        "nft.kl_coef",
+        "optim.weight_decay",
+        "optim.grad_clip",
+        "eval.every",
+        "checkpoint.every",
+        "rollout.sde_noise_level",
+        "logging.sample_grid_every",
+    ]:
         _require(_get(config, name) >= 0, name, f"must be >= 0; got {_get(config, name)!r}")
     _require(config.rollout.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare within a group)")
     _require(0 < config.nft.timestep_fraction <= 1, "nft.timestep_fraction", "must be in (0, 1]")

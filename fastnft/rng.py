@@ -38,8 +38,12 @@ def keyed_randn(
     if purpose not in PURPOSES:
         raise ValueError(f"unknown purpose {purpose!r}; known: {PURPOSES}")
     rows = [
-        torch.randn(tuple(shape), generator=generator(seed, iteration, index, purpose, *extra, device=device),
-                    device=device, dtype=dtype)
+        torch.randn(
+            tuple(shape),
+            generator=generator(seed, iteration, index, purpose, *extra, device=device),
+            device=device,
+            dtype=dtype,
+        )
         for index in indices
-    ]  # fmt: skip
+    ]
     return torch.stack(rows)

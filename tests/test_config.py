@@ -24,7 +24,7 @@ def test_defaults_are_the_reference_recipe(prompt_file):
     config = load_config(None, ["model.preset=tiny-sd3", f"prompts.train={prompt_file}"])
     assert (config.rollout.groups, config.rollout.group_size, config.rollout.steps) == (48, 24, 10)
     assert (config.nft.beta, config.nft.kl_coef, config.nft.adv_clip_max, config.nft.eps) == (1.0, 1e-4, 5.0, 1e-5)
-    assert (config.lora.rank, config.lora.alpha, len(config.lora.target_modules)) == (32, 64, 8)
+    assert (config.lora.rank, config.lora.alpha, config.lora.target_modules) == (32, 64, [])  # the model's own
     assert (config.optim.lr, config.optim.weight_decay, config.optim.grad_clip) == (3e-4, 1e-4, 1.0)
     assert config.old_policy.schedule == 1 and config.ema.max_decay == 0.9
 

@@ -1,0 +1,177 @@
+"""The command line:
+
+    fastnft train [CONFIG] [--out DIR] [--iterations N] [--resume DIR] [key=value ...]
+    fastnft sample RUN_OR_CHECKPOINT --prompts FILE_OR_TEXT [--cfg S] [--out DIR]
+    fastnft eval RUN_OR_CHECKPOINT [--prompts FILE] [--out DIR]
+
+Configuration errors print one line naming the field and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fastnft.config import Config, ConfigError, load_config, to_dict
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastnft", description="DiffusionNFT training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (or resume) a run")
+    train.add_argument("config", nargs="?", help="YAML config file (optional with --resume)")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. nft.beta=0.1")
+    train.add_argument("--out", type=Path, help="run directory (default runs/<config name>)")
+    train.add_argument("--iterations", type=int, help="total number of iterations to reach")
+    train.add_argument("--resume", type=Path, help="continue the run in this directory")
+
+    sample = commands.add_parser("sample", help="generate images with a run's EMA weights")
+    sample.add_argument("checkpoint", type=Path, help="a run directory or one of its checkpoints")
+    sample.add_argument("--prompts", required=True, help="a .txt/.jsonl prompt file, or a prompt")
+    sample.add_argument("--cfg", type=float, default=None, help="guidance scale (default eval.guidance_scale)")
+    sample.add_argument("--out", type=Path, help="output directory (default RUN/samples/sample)")
+
+    evaluate = commands.add_parser("eval", help="evaluate a run's EMA weights on prompts")
+    evaluate.add_argument("checkpoint", type=Path, help="a run directory or one of its checkpoints")
+    evaluate.add_argument("--prompts", type=Path, help="prompt file (default prompts.eval of the run)")
+    evaluate.add_argument("--out", type=Path, help="output directory (default RUN/eval)")
+    return parser
+
+
+def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """argparse cannot tell an optional CONFIG from the first key=value: '=' decides."""
+    items = ([args.config] if args.config else []) + list(args.overrides)
+    config = items[0] if items and "=" not in items[0] else None
+    return config, items[1:] if config else items
+
+
+def _changed_fields(saved: dict, requested: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(saved) | set(requested)):
+        a, b = saved.get(key), requested.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_fields(a, b, name + ".")
+        elif a != b and name != "iterations":
+            changed.append(name)
+    return changed
+
+
+def _resolve_train_config(args: argparse.Namespace) -> tuple[Config, Path, bool]:
+    config_path, overrides = _split_config_and_overrides(args)
+    if args.iterations is not None:
+        overrides = [*overrides, f"iterations={args.iterations}"]
+    if args.resume is None:
+        config = load_config(config_path or default_config_path(), overrides)
+        name = Path(config_path).stem if config_path else "default"
+        return config, args.out or Path("runs") / name, False
+    saved_path = args.resume / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {args.resume} holds no config.yaml (not a fastnft run directory)")
+    config = load_config(saved_path, overrides)
+    if config_path is not None:
+        requested = load_config(config_path, overrides)
+        changed = _changed_fields(to_dict(config), to_dict(requested))
+        if changed:
+            raise ConfigError(f"--resume: the config differs from the run's in {', '.join(changed)}")
+    if args.out is not None and args.out.resolve() != args.resume.resolve():
+        raise ConfigError("--out: a resumed run writes into its --resume directory")
+    return config, args.resume, True
+
+
+def default_config_path() -> Path:
+    """The embedded default run's config, shipped as package data."""
+    from importlib.resources import files
+
+    return Path(str(files("fastnft.configs") / "default.yaml"))
+
+
+def _run_dir_of(checkpoint: Path) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint) for a run directory or a checkpoint directory inside one."""
+    from fastnft.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+
+    checkpoint = checkpoint.resolve()
+    if checkpoint.parent.name == CHECKPOINT_DIR:
+        return checkpoint.parent.parent, checkpoint
+    if not (checkpoint / "config.yaml").is_file():
+        raise ConfigError(f"checkpoint: {checkpoint} is neither a run directory nor a checkpoint")
+    return checkpoint, latest_checkpoint(checkpoint)
+
+
+def _load_for_inference(checkpoint: Path):
+    from fastnft.checkpoint import load_checkpoint
+    from fastnft.trainer import Trainer
+
+    run_dir, path = _run_dir_of(checkpoint)
+    if path is None:
+        raise ConfigError(f"checkpoint: {run_dir} has no checkpoint yet")
+    trainer = Trainer(load_config(run_dir / "config.yaml"))
+    load_checkpoint(trainer, path)
+    return trainer, run_dir
+
+
+def _prompt_set(text_or_file: str | Path):
+    from fastnft.prompts import PromptSet
+
+    path = Path(text_or_file)
+    if path.suffix in (".txt", ".jsonl"):
+        if not path.is_file():
+            raise ConfigError(f"--prompts: no such file {path}")
+        return PromptSet.load(path)
+    return PromptSet([str(text_or_file)], [{}])
+
+
+def command_sample(args: argparse.Namespace) -> int:
+    from fastnft.visual import save_grid, to_pil
+
+    trainer, run_dir = _load_for_inference(args.checkpoint)
+    prompts = _prompt_set(args.prompts)
+    guidance = trainer.config.eval.guidance_scale if args.cfg is None else args.cfg
+    out = args.out or run_dir / "samples" / "sample"
+    out.mkdir(parents=True, exist_ok=True)
+    _, images = trainer.evaluate(prompts, guidance_scale=guidance)
+    for index, image in enumerate(images):
+        to_pil(image).save(out / f"{index:04d}.png")
+    save_grid(images, prompts.prompts, out / "grid.png")
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    trainer, run_dir = _load_for_inference(args.checkpoint)
+    prompt_file = args.prompts or trainer.config.prompts.eval
+    if prompt_file is None:
+        raise ConfigError("--prompts: the run has no prompts.eval; name a prompt file")
+    metrics, _ = trainer.evaluate(_prompt_set(prompt_file))
+    out = args.out or run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"iteration": trainer.iteration, **metrics}, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from fastnft.run import train
+
+            config, run_dir, resume = _resolve_train_config(args)
+            train(config, run_dir, resume=resume, argv=argv)
+            return 0
+        if args.command == "sample":
+            return command_sample(args)
+        return command_eval(args)
+    except ConfigError as error:
+        print(f"fastnft: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The run's records: metrics.jsonl (one row per iteration, separate evaluation rows),
+TensorBoard events, and run.json (versions, commit, device, command line)."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastnft.benchmarking import device_name, git_commit
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, *, tensorboard: bool) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drops rows of iterations after `iteration` (work a resumed run redoes)."""
+        if not self.path.exists():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def append(self, row: dict[str, Any]) -> None:
+        row = {key: _clean(value) for key, value in row.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, row["iteration"])
+            self.writer.flush()
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def write_run_info(run_dir: Path, device: torch.device, argv: list[str]) -> None:
+    import diffusers
+    import peft
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {
+        "command": [Path(sys.argv[0]).name, *argv],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "commit": git_commit(),
+        "device": device_name(device),
+        "host": platform.node(),
+    }
+    (Path(run_dir) / "run.json").write_text(json.dumps(info, indent=2) + "\n")

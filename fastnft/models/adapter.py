@@ -1,0 +1,81 @@
+"""The model seam: everything that differs between diffusion models sits behind ModelAdapter,
+so the training loop never names a model family. FLUX or another family is one more subclass."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TextEmbedding:
+    """Conditioning of a batch: sequence [B, L, D] and pooled [B, P] embeddings."""
+
+    sequence: Tensor
+    pooled: Tensor
+
+    def __len__(self) -> int:
+        return self.sequence.shape[0]
+
+    def index(self, rows: Tensor | list[int] | slice) -> TextEmbedding:
+        return TextEmbedding(self.sequence[rows], self.pooled[rows])
+
+    def repeat_interleave(self, repeats: int) -> TextEmbedding:
+        return TextEmbedding(self.sequence.repeat_interleave(repeats, 0), self.pooled.repeat_interleave(repeats, 0))
+
+    @staticmethod
+    def cat(parts: list[TextEmbedding]) -> TextEmbedding:
+        return TextEmbedding(torch.cat([p.sequence for p in parts]), torch.cat([p.pooled for p in parts]))
+
+
+class ModelAdapter(ABC):
+    """A text-to-image flow-matching model as the trainer sees it.
+
+    Conventions: x_t = (1 - t) x0 + t eps with t in [0, 1]; the transformer predicts v = eps - x0.
+    """
+
+    transformer: nn.Module
+    default_lora_targets: tuple[str, ...]
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample in the transformer's space (latent [C, H, W] or pixels)."""
+
+    @abstractmethod
+    def encode_text(self, prompts: list[str]) -> TextEmbedding:
+        """Conditioning for each prompt (no grad)."""
+
+    @abstractmethod
+    def decode(self, samples: Tensor) -> Tensor:
+        """[B, *sample_shape] -> images [B, 3, H, W] in [0, 1] (no grad)."""
+
+    @abstractmethod
+    def encode_images(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> [B, *sample_shape] (no grad; for pretraining)."""
+
+    @abstractmethod
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Every frozen module (text encoders, codec), by component name."""
+
+    @abstractmethod
+    def save_lora(self, directory: Path, lora: dict[str, Tensor], metadata: dict) -> Path:
+        """Writes a LoRA (peft names, adapter name stripped) the family's pipeline loads with
+        `load_lora_weights(directory)`; returns the file."""
+
+    def velocity(self, transformer: nn.Module, x: Tensor, t: Tensor, text: TextEmbedding) -> Tensor:
+        """v(x, t) of `transformer` (the trained, old or reference policy); t [B] in [0, 1].
+        The diffusers SD3 family takes timestep = t * 1000 (a float: fastnft never truncates it).
+        Inputs are cast to the module's weight dtype (bf16 base weights, fp32 full fine-tuning)."""
+        dtype = transformer.dtype
+        return transformer(
+            hidden_states=x.to(dtype),
+            timestep=t * 1000.0,
+            encoder_hidden_states=text.sequence.to(dtype),
+            pooled_projections=text.pooled.to(dtype),
+            return_dict=False,
+        )[0]

@@ -1,0 +1,115 @@
+"""The SD3 family (SD3, SD3.5 Medium / Large) through diffusers: MMDiT transformer, VAE with
+shift and scaling factors, CLIP-L + CLIP-G + T5 text conditioning encoded exactly as
+StableDiffusion3Pipeline.encode_prompt does (so exported LoRAs reproduce in the pipeline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fastnft.config import JOINT_ATTENTION_PROJECTIONS, ConfigError, ModelConfig
+from fastnft.models.adapter import ModelAdapter, TextEmbedding
+from fastnft.models.presets import build_preset
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def load_sd3_pipeline(config: ModelConfig, seed: int, weight_dtype: torch.dtype):
+    """A StableDiffusion3Pipeline from model.path (+ component_paths) or a random-init preset."""
+    from diffusers import StableDiffusion3Pipeline
+
+    if config.preset is not None:
+        pipeline = StableDiffusion3Pipeline(**build_preset(config.preset, seed))
+        return pipeline if weight_dtype == torch.float32 else pipeline.to(dtype=weight_dtype)
+    overrides = {name: _load_component(name, path, weight_dtype) for name, path in config.component_paths.items()}
+    return StableDiffusion3Pipeline.from_pretrained(config.path, torch_dtype=weight_dtype, **overrides)
+
+
+def _load_component(name: str, path: str, weight_dtype: torch.dtype):
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+    loaders = {
+        "transformer": SD3Transformer2DModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModelWithProjection,
+        "text_encoder_2": CLIPTextModelWithProjection,
+        "text_encoder_3": T5EncoderModel,
+    }
+    if name.startswith("tokenizer"):
+        return AutoTokenizer.from_pretrained(path)
+    if name not in loaders:
+        raise ConfigError(f"model.component_paths.{name}: unknown component; known: {', '.join(loaders)}, tokenizer*")
+    return loaders[name].from_pretrained(path, torch_dtype=weight_dtype)
+
+
+class SD3Adapter(ModelAdapter):
+    default_lora_targets = JOINT_ATTENTION_PROJECTIONS
+
+    def __init__(self, pipeline, *, resolution: int, clip_max_length: int, t5_max_length: int, device: torch.device):
+        self.pipeline = pipeline.to(device)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.pipeline.tokenizer_max_length = clip_max_length
+        self.t5_max_length = t5_max_length
+        self.device = device
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        scale = pipeline.vae_scale_factor
+        if resolution % (scale * self.transformer.config.patch_size):
+            raise ConfigError(f"model.resolution: {resolution} is not a multiple of the VAE and patch strides")
+        latent = resolution // scale
+        self._sample_shape = (self.transformer.config.in_channels, latent, latent)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype):
+        pipeline = load_sd3_pipeline(config, seed, weight_dtype)
+        return cls(
+            pipeline,
+            resolution=config.resolution,
+            clip_max_length=config.clip_max_length,
+            t5_max_length=config.t5_max_length,
+            device=device,
+        )
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self._sample_shape
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> TextEmbedding:
+        sequence, _, pooled, _ = self.pipeline.encode_prompt(
+            prompts,
+            None,
+            None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.t5_max_length,
+        )
+        return TextEmbedding(sequence, pooled)
+
+    @torch.no_grad()
+    def decode(self, samples: Tensor) -> Tensor:
+        config = self.vae.config
+        latents = samples.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
+        images = self.vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        config = self.vae.config
+        latents = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mode()
+        return ((latents - config.shift_factor) * config.scaling_factor).float()
+
+    def save_lora(self, directory: Path, lora: dict[str, Tensor], metadata: dict) -> Path:
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(
+            directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
+        )
+        return Path(directory) / "pytorch_lora_weights.safetensors"
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        modules = {name: getattr(self.pipeline, name) for name in COMPONENTS[1:]}
+        return {name: module for name, module in modules.items() if module is not None}

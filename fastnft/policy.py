@@ -1,0 +1,171 @@
+"""The three policies of DiffusionNFT and their updates (ALGORITHM.md section 6).
+
+- trained: v_theta, the only one with gradients;
+- old: v_old, the rollout policy, soft-updated towards the trained one after each iteration;
+- ref: the base model, for the KL term (only when kl_coef > 0).
+
+LoRA runs keep two peft adapters on one transformer, "default" (trained) and "old"; the base
+with adapters disabled is the reference. Full fine-tuning keeps frozen copies of the transformer
+for the old policy (and the reference, only when kl_coef > 0). Both keep an fp32 EMA of the
+trained weights, used for evaluation and exports.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from fastnft.config import LoraConfig
+from fastnft.schedules import soft_update
+
+ROLES = ("trained", "old", "ref")
+
+
+class Policies(ABC):
+    """Gives the module to call for each role, and owns the old-policy and EMA updates."""
+
+    transformer: nn.Module  # the trained policy's module
+
+    def __init__(self) -> None:
+        self.ema = {name: p.detach().float().clone() for name, p in self.trained_parameters().items()}
+
+    @abstractmethod
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters the optimizer updates, by name."""
+
+    @abstractmethod
+    def old_parameters(self) -> dict[str, Tensor]:
+        """The old policy's counterpart of every trained parameter, under the trained names."""
+
+    @abstractmethod
+    @contextmanager
+    def role(self, name: str) -> Iterator[nn.Module]:
+        """The module that computes the velocity of policy `name` (one of ROLES)."""
+
+    @torch.no_grad()
+    def update_old_policy(self, eta: float) -> None:
+        """theta_old <- eta * theta_old + (1 - eta) * theta."""
+        old = self.old_parameters()
+        trained = self.trained_parameters()
+        soft_update([old[n] for n in trained], trained.values(), eta)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        trained = self.trained_parameters()
+        soft_update([self.ema[n] for n in trained], trained.values(), decay)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[nn.Module]:
+        """The trained module with the EMA weights swapped in (for evaluation and export)."""
+        trained = self.trained_parameters()
+        saved = {name: p.detach().clone() for name, p in trained.items()}
+        with torch.no_grad():
+            for name, p in trained.items():
+                p.copy_(self.ema[name])
+        try:
+            with self.role("trained") as module:
+                yield module
+        finally:
+            with torch.no_grad():
+                for name, p in trained.items():
+                    p.copy_(saved[name])
+
+
+class LoraPolicies(Policies):
+    """Adapters "default" (trained) and "old" on one transformer; disabled adapters = reference."""
+
+    def __init__(self, transformer: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+        from peft import LoraConfig as PeftLoraConfig
+
+        self.transformer = transformer
+        transformer.requires_grad_(False)
+        init = "gaussian" if config.init == "gaussian" else True
+        for adapter in ("default", "old"):
+            peft_config = PeftLoraConfig(
+                r=config.rank, lora_alpha=config.alpha, init_lora_weights=init, target_modules=targets
+            )
+            transformer.add_adapter(peft_config, adapter_name=adapter)
+        self._trained = {}
+        self._old = {}
+        for name, parameter in transformer.named_parameters():
+            if ".lora_" in name:
+                parameter.data = parameter.data.float()  # adapters train in fp32 over bf16 base weights
+            if ".default." in name:
+                self._trained[name] = parameter
+            elif ".old." in name:
+                self._old[name.replace(".old.", ".default.")] = parameter
+        if not self._trained or self._trained.keys() != self._old.keys():
+            raise ValueError(f"lora.target_modules: {targets} matched no layer of the transformer")
+        with torch.no_grad():
+            for name, parameter in self._trained.items():
+                self._old[name].copy_(parameter)
+        self._active = None
+        self._activate("trained")
+        super().__init__()
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        return self._trained
+
+    def old_parameters(self) -> dict[str, Tensor]:
+        return self._old
+
+    def _activate(self, role: str) -> None:
+        if role == self._active:
+            return
+        if role == "ref":
+            self.transformer.disable_adapters()
+        else:
+            self.transformer.enable_adapters()
+            self.transformer.set_adapter("default" if role == "trained" else "old")
+        # peft marks the active adapter trainable: only "default" ever is.
+        for parameter in self._old.values():
+            parameter.requires_grad_(False)
+        for parameter in self._trained.values():
+            parameter.requires_grad_(True)
+        self._active = role
+
+    @contextmanager
+    def role(self, name: str) -> Iterator[nn.Module]:
+        if name not in ROLES:
+            raise ValueError(f"unknown role {name!r}; known: {ROLES}")
+        self._activate(name)
+        try:
+            yield self.transformer
+        finally:
+            self._activate("trained")
+
+
+class FullPolicies(Policies):
+    """Full fine-tuning: frozen copies for the old policy and, when kl_coef > 0, the reference."""
+
+    def __init__(self, transformer: nn.Module, *, keep_reference: bool, frozen_dtype: torch.dtype) -> None:
+        self.transformer = transformer
+        self.old = copy.deepcopy(transformer).requires_grad_(False).to(frozen_dtype)
+        self.reference = copy.deepcopy(transformer).requires_grad_(False).to(frozen_dtype) if keep_reference else None
+        self.transformer.float().requires_grad_(True)
+        self._old_by_name = dict(self.old.named_parameters())
+        super().__init__()
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.transformer.named_parameters())
+
+    def old_parameters(self) -> dict[str, Tensor]:
+        return self._old_by_name
+
+    @contextmanager
+    def role(self, name: str) -> Iterator[nn.Module]:
+        if name == "trained":
+            yield self.transformer
+        elif name == "old":
+            yield self.old
+        elif name == "ref":
+            if self.reference is None:
+                raise ValueError("the reference policy is kept only when nft.kl_coef > 0")
+            yield self.reference
+        else:
+            raise ValueError(f"unknown role {name!r}; known: {ROLES}")

@@ -1,0 +1,29 @@
+"""Rewards: black-box scorers of decoded images.
+
+    reward(images [B, 3, H, W] in [0, 1], prompts, metadata) -> RewardOutput(score [B], extras)
+
+`register` adds a reward class under a name, `build_reward(name, **options)` builds one,
+`available_rewards()` lists them. Importing this package registers every built-in reward, also
+those whose optional packages are missing: building one of those names the extra to install.
+"""
+
+from fastnft.rewards.base import (
+    Reward,
+    RewardOutput,
+    WeightedRewards,
+    available_rewards,
+    build_reward,
+    register,
+)
+from fastnft.rewards.jpeg import JpegCompressibility, JpegIncompressibility
+
+__all__ = [
+    "JpegCompressibility",
+    "JpegIncompressibility",
+    "Reward",
+    "RewardOutput",
+    "WeightedRewards",
+    "available_rewards",
+    "build_reward",
+    "register",
+]

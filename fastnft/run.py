@@ -1,0 +1,117 @@
+"""A training run on disk: run directory, cadences (eval, sample grids, checkpoints), resume,
+and a clean stop (target reached, SIGTERM or Ctrl-C) that always leaves a checkpoint.
+
+Run directory: config.yaml (resolved), run.json, metrics.jsonl, tensorboard/, samples/,
+checkpoints/iteration_NNNNNN/ (DCP), export/ (the EMA weights, loadable by diffusers).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fastnft.checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
+from fastnft.config import Config, dump_yaml
+from fastnft.metrics import MetricsLog, write_run_info
+from fastnft.trainer import Trainer
+from fastnft.visual import save_grid
+
+
+class StopRequest:
+    """Set by SIGTERM or a first Ctrl-C: the run finishes its iteration, checkpoints, and exits."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        def on_signal(number, frame):
+            self.reason = signal.Signals(number).name
+            if number == signal.SIGINT:  # a second Ctrl-C interrupts at once
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            print(f"\n{self.reason}: finishing this iteration, then checkpointing", flush=True)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+def evaluate_and_log(trainer: Trainer, log: MetricsLog, run_dir: Path) -> dict[str, float]:
+    if trainer.eval_prompts is None:
+        return {}
+    metrics, images = trainer.evaluate(trainer.eval_prompts)
+    log.append({"iteration": trainer.iteration, **metrics})
+    count = min(16, len(images))
+    save_grid(
+        images[:count], trainer.eval_prompts.prompts[:count], run_dir / "samples" / f"eval_{trainer.iteration:06d}.png"
+    )
+    return metrics
+
+
+def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str] = ()) -> Trainer:
+    """Trains until config.iterations (the total target) or a stop request."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config)
+    log = MetricsLog(run_dir, tensorboard=config.logging.tensorboard)
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            load_checkpoint(trainer, checkpoint)
+            print(f"resumed from {checkpoint} at iteration {trainer.iteration}", flush=True)
+        log.truncate_after(trainer.iteration)
+    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    write_run_info(run_dir, trainer.device, list(argv))
+
+    started = time.perf_counter()
+    last_checkpoint = trainer.iteration if resume else None
+    stop = StopRequest()
+    try:
+        with stop.installed():
+            if trainer.iteration == 0 and config.eval.at_start:
+                evaluate_and_log(trainer, log, run_dir)
+            while trainer.iteration < config.iterations and not stop:
+                row = trainer.run_iteration()
+                log.append(row)
+                print(_summary(row, config.iterations), flush=True)
+                iteration = trainer.iteration
+                if config.logging.sample_grid_every and iteration % config.logging.sample_grid_every == 0:
+                    samples, prompts = trainer.last_rollout
+                    save_grid(
+                        trainer.model.decode(samples), prompts, run_dir / "samples" / f"rollout_{iteration:06d}.png"
+                    )
+                last = iteration == config.iterations
+                if config.eval.every and (iteration % config.eval.every == 0 or last):
+                    evaluate_and_log(trainer, log, run_dir)
+                if config.checkpoint.every and iteration % config.checkpoint.every == 0:
+                    save_checkpoint(trainer, run_dir, config.checkpoint.keep_last)
+                    last_checkpoint = iteration
+    finally:
+        # After a crash mid-iteration the state is half-updated: keep the last checkpoint instead.
+        if last_checkpoint != trainer.iteration and not trainer.in_iteration:
+            path = save_checkpoint(trainer, run_dir, config.checkpoint.keep_last)
+            print(f"checkpoint: {path}", flush=True)
+        export_weights(trainer, run_dir / "export")
+        log.close()
+    print(
+        f"stopped at iteration {trainer.iteration} after {time.perf_counter() - started:.1f} s"
+        + (f" ({stop.reason})" if stop else ""),
+        flush=True,
+    )
+    return trainer
+
+
+def _summary(row: dict, target: int) -> str:
+    return (
+        f"iteration {row['iteration']}/{target}  reward {row['reward_mean']:.4f}  loss {row['loss']:.4f}  "
+        f"grad_norm {row['grad_norm']:.3g}  eta {row['eta']:.3f}  {row['images_per_sec']:.2f} img/s"
+    )

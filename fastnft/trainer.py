@@ -1,0 +1,397 @@
+"""The DiffusionNFT iteration (ALGORITHM.md sections 3-6), composed from the pieces:
+
+1. draw `groups` prompts and encode each once;
+2. roll out K images per prompt with the OLD policy on the pinned grid;
+3. decode, score (weighted reward sum), turn scores into optimality probabilities;
+4. train on int(timestep_fraction * steps) grid times per image with fresh noise, gradients
+   accumulated over all (micro-batch, timestep) pairs of an optimizer step;
+5. EMA step after every optimizer step, then the old-policy soft update;
+6. log, evaluate, draw sample grids, checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fastnft.config import Config
+from fastnft.models import ModelAdapter, TextEmbedding, build_model
+from fastnft.models.presets import seeded
+from fastnft.optimality import optimality_probabilities
+from fastnft.optimizers import build_optimizer
+from fastnft.policy import FullPolicies, LoraPolicies, Policies
+from fastnft.prompts import PromptSet, prompt_indices
+from fastnft.rewards import RewardOutput, WeightedRewards
+from fastnft.rng import generator, keyed_randn
+from fastnft.sampling import sample, timestep_grid
+from fastnft.schedules import ema_decay, old_policy_eta
+from fastnft_kernels import nft_loss
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def weight_dtype_for(config: Config, device: torch.device) -> torch.dtype:
+    """Frozen weights: bf16 on GPU, fp32 on CPU and for the reference precision (fp16 autocast)."""
+    if device.type == "cuda" and config.model.precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+class Trainer:
+    def __init__(self, config: Config, *, progress: bool | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.progress = config.logging.progress if progress is None else progress
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        weight_dtype = weight_dtype_for(config, self.device)
+        self.model: ModelAdapter = build_model(config.model, config.seed, self.device, weight_dtype)
+        for module in self.model.frozen_modules().values():
+            module.requires_grad_(False).eval()
+        with seeded(config.seed):  # LoRA's gaussian init draws from the global generator
+            self.policies: Policies = self._build_policies(weight_dtype)
+        self.optimizer = build_optimizer(config.optim, list(self.policies.trained_parameters().values()))
+        reference_precision = config.model.precision == "reference" and self.device.type == "cuda"
+        self.autocast_dtype = torch.float16 if reference_precision else None
+        self.grad_scaler = torch.amp.GradScaler("cuda") if reference_precision else None
+        self.rewards = WeightedRewards([(r.name, r.weight, r.options) for r in config.rewards])
+        self.train_prompts = PromptSet.load(config.prompts.train)
+        self.eval_prompts = PromptSet.load(config.prompts.eval) if config.prompts.eval else None
+        self.grid = timestep_grid(config.rollout.steps, config.rollout.shift)
+        self.eval_grid = timestep_grid(config.eval.steps, config.rollout.shift)
+        self.iteration = 0  # completed iterations
+        self.optimizer_steps = 0
+        self.in_iteration = False  # true while an iteration is half done (its state is inconsistent)
+        self.last_rollout: tuple[Tensor, list[str]] | None = None
+        self._empty_text: TextEmbedding | None = None
+
+    def _build_policies(self, weight_dtype: torch.dtype) -> Policies:
+        config = self.config
+        if config.lora.enabled:
+            targets = config.lora.target_modules or list(self.model.default_lora_targets)
+            policies = LoraPolicies(self.model.transformer, config.lora, targets)
+            if config.model.init_lora:
+                load_lora_into(policies, config.model.init_lora)
+            return policies
+        return FullPolicies(self.model.transformer, keep_reference=config.nft.kl_coef > 0, frozen_dtype=weight_dtype)
+
+    # ------------------------------------------------------------ model calls
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.autocast_dtype is None:
+            yield
+        else:
+            with torch.autocast("cuda", dtype=self.autocast_dtype):
+                yield
+
+    def velocity_fn(self, module: nn.Module, text: TextEmbedding, guidance_scale: float):
+        """v(x, t) for `module` under `text`; with guidance > 1, CFG against the empty prompt
+        (conditional and unconditional halves in one batched call)."""
+        if guidance_scale == 1.0:
+
+            def velocity(x: Tensor, t: Tensor) -> Tensor:
+                with self._autocast():
+                    return self.model.velocity(module, x, t, text)
+
+            return velocity
+        empty = self.empty_text().repeat_interleave(len(text))
+        both = TextEmbedding.cat([text, empty])
+
+        def guided(x: Tensor, t: Tensor) -> Tensor:
+            with self._autocast():
+                v = self.model.velocity(module, torch.cat([x, x]), torch.cat([t, t]), both).float()
+            conditional, unconditional = v.chunk(2)
+            return unconditional + guidance_scale * (conditional - unconditional)
+
+        return guided
+
+    def empty_text(self) -> TextEmbedding:
+        if self._empty_text is None:
+            self._empty_text = self.model.encode_text([""])
+        return self._empty_text
+
+    def _bar(self, total: int, description: str):
+        return tqdm(total=total, desc=description, leave=False, disable=not self.progress, dynamic_ncols=True)
+
+    # ------------------------------------------------------------ one iteration
+
+    def rollout(
+        self,
+        module: nn.Module,
+        text: TextEmbedding,
+        *,
+        seed: int,
+        iteration: int,
+        sampler: str,
+        grid: Tensor,
+        guidance_scale: float,
+        batch_size: int,
+        purpose: str,
+    ) -> Tensor:
+        """Clean samples [len(text), *sample_shape], one per row of text, with noise keyed by
+        (seed, iteration, image index, purpose)."""
+        shape = self.model.sample_shape
+        samples = []
+        with torch.no_grad(), self._bar(len(text), f"rollout {iteration}") as bar:
+            for start in range(0, len(text), batch_size):
+                indices = list(range(start, min(start + batch_size, len(text))))
+                noise = keyed_randn(shape, seed, iteration, indices, purpose, device=self.device)
+
+                def step_noise(step: int, indices=indices) -> Tensor:
+                    return keyed_randn(shape, seed, iteration, indices, "sde_noise", step, device=self.device)
+
+                velocity = self.velocity_fn(module, text.index(indices), guidance_scale)
+                samples.append(
+                    sample(
+                        sampler,
+                        velocity,
+                        noise,
+                        grid,
+                        noise_level=self.config.rollout.sde_noise_level,
+                        step_noise=step_noise,
+                    )
+                )
+                bar.update(len(indices))
+        return torch.cat(samples)
+
+    def score(self, samples: Tensor, prompts: list[str], metadata: list[dict], batch_size: int) -> RewardOutput:
+        """Decodes and scores in batches; returns the weighted sum and per-reward extras."""
+        outputs = []
+        for start in range(0, len(samples), batch_size):
+            stop = start + batch_size
+            images = self.model.decode(samples[start:stop])
+            outputs.append(self.rewards(images, prompts[start:stop], metadata[start:stop]))
+        extras = {key: torch.cat([o.extras[key] for o in outputs]) for key in outputs[0].extras}
+        return RewardOutput(torch.cat([o.score for o in outputs]), extras)
+
+    def run_iteration(self) -> dict[str, Any]:
+        """Runs iteration self.iteration (0-based) and returns its metrics row."""
+        config = self.config
+        iteration = self.iteration
+        self.in_iteration = True
+        started = time.perf_counter()
+        chosen = prompt_indices(len(self.train_prompts), iteration, config.rollout.groups, config.seed)
+        prompts = [self.train_prompts.prompts[i] for i in chosen]
+        metadata = [self.train_prompts.metadata[i] for i in chosen]
+        text = self.model.encode_text(prompts)  # once per prompt, reused by its K images and training
+        group_size = config.rollout.group_size
+        image_group = torch.arange(len(prompts)).repeat_interleave(group_size)
+        image_text = text.index(image_group.to(text.sequence.device))
+
+        with self.policies.role("old") as old:
+            x0 = self.rollout(
+                old,
+                image_text,
+                seed=config.seed,
+                iteration=iteration,
+                sampler=config.rollout.sampler,
+                grid=self.grid,
+                guidance_scale=config.rollout.guidance_scale,
+                batch_size=config.rollout.batch_size,
+                purpose="rollout_noise",
+            )
+        rolled_out = time.perf_counter()
+
+        image_prompts = [prompts[g] for g in image_group.tolist()]
+        image_metadata = [metadata[g] for g in image_group.tolist()]
+        rewards = self.score(x0, image_prompts, image_metadata, config.rollout.batch_size)
+        optimality = optimality_probabilities(
+            rewards.score, image_group, adv_clip_max=config.nft.adv_clip_max, std_scope=config.nft.std_scope
+        )
+        scored = time.perf_counter()
+
+        self.last_rollout = (x0[:16], image_prompts[:16])  # for sample grids
+        train_metrics = self.train(x0, image_text, optimality.probability.to(self.device), iteration)
+        eta = old_policy_eta(config.old_policy.schedule, self.optimizer_steps)
+        self.policies.update_old_policy(eta)
+        self.iteration += 1
+        self.in_iteration = False
+        finished = time.perf_counter()
+
+        row: dict[str, Any] = {
+            "iteration": self.iteration,
+            "reward_mean": float(rewards.score.mean()),
+            "reward_std": float(rewards.score.std(correction=0)),
+        }
+        row.update({key: float(value.mean()) for key, value in rewards.extras.items()})
+        row.update(
+            {
+                "group_std_mean": optimality.group_std_mean,
+                "zero_std_ratio": optimality.zero_std_ratio,
+                **train_metrics,
+                "eta": eta,
+                "optimizer_steps": self.optimizer_steps,
+                "time_rollout": rolled_out - started,
+                "time_reward": scored - rolled_out,
+                "time_train": finished - scored,
+                "images_per_sec": len(x0) / (finished - started),
+            }
+        )
+        return row
+
+    def train(self, x0: Tensor, text: TextEmbedding, probability: Tensor, iteration: int) -> dict[str, float]:
+        """The NFT update on clean samples: one or more optimizer steps, EMA after each."""
+        config = self.config
+        nft = config.nft
+        steps = config.rollout.steps
+        trained_times = int(nft.timestep_fraction * steps)
+        count = len(x0)
+        subsets = torch.stack(
+            [
+                torch.randperm(steps, generator=generator(config.seed, iteration, index, "timestep_subset"))[
+                    :trained_times
+                ]
+                for index in range(count)
+            ]
+        )
+        micro_batches = [list(range(s, s + nft.micro_batch_size)) for s in range(0, count, nft.micro_batch_size)]
+        per_step = len(micro_batches) // config.optim.steps_per_iteration
+        pairs_per_step = per_step * trained_times
+        sums = dict.fromkeys(["loss", "positive_loss", "negative_loss", "kl", "old_deviation", "x0_norm"], 0.0)
+        grad_norms = []
+        shape = self.model.sample_shape
+        with self._bar(len(micro_batches) * trained_times, f"train {iteration}") as bar:
+            for number, indices in enumerate(micro_batches):
+                rows = torch.tensor(indices, device=self.device)
+                clean = x0[rows]
+                cond = text.index(rows)
+                r = probability[rows]
+                for slot in range(trained_times):
+                    t = self.grid[subsets[indices, slot]].to(self.device)
+                    noise = keyed_randn(
+                        shape, config.seed, iteration, indices, "training_noise", slot, device=self.device
+                    )
+                    out = self.nft_step(clean, noise, t, r, cond)
+                    loss = out.loss / pairs_per_step
+                    (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
+                    sums["loss"] += float(out.loss.detach())
+                    for key in ("positive_loss", "negative_loss", "kl", "old_deviation", "x0_norm"):
+                        sums[key] += float(getattr(out, key).mean())
+                    bar.update(1)
+                if (number + 1) % per_step == 0:
+                    grad_norms.append(self.optimizer_step())
+        pairs = len(micro_batches) * trained_times
+        metrics = {key: value / pairs for key, value in sums.items()}
+        if nft.kl_coef == 0:
+            metrics["kl"] = None
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return metrics
+
+    def nft_step(self, x0: Tensor, noise: Tensor, t: Tensor, r: Tensor, text: TextEmbedding):
+        """One (micro-batch, timestep) pair: old (and reference) forwards without grad, the
+        trained forward with grad, and the NFT loss."""
+        nft = self.config.nft
+        t_b = t.view(-1, *[1] * (x0.ndim - 1))
+        x_t = (1 - t_b) * x0 + t_b * noise
+        with torch.no_grad():
+            with self.policies.role("old") as old:
+                v_old = self.velocity_fn(old, text, 1.0)(x_t, t)
+            v_ref = None
+            if nft.kl_coef > 0:
+                with self.policies.role("ref") as ref:
+                    v_ref = self.velocity_fn(ref, text, 1.0)(x_t, t)
+        with self.policies.role("trained") as trained:
+            v_theta = self.velocity_fn(trained, text, 1.0)(x_t, t)
+        return nft_loss(
+            v_theta,
+            v_old,
+            x0,
+            noise,
+            t,
+            r,
+            beta=nft.beta,
+            v_ref=v_ref,
+            kl_coef=nft.kl_coef,
+            adv_clip_max=nft.adv_clip_max,
+            loss_space=nft.loss_space,
+            eps=nft.eps,
+            backend=nft.loss_backend,
+        )
+
+    def optimizer_step(self) -> float:
+        """Clip, step, zero the gradients, then the EMA step; returns the pre-clip grad norm."""
+        parameters = list(self.policies.trained_parameters().values())
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        if self.config.ema.enabled:
+            self.policies.update_ema(ema_decay(self.optimizer_steps, self.config.ema.max_decay))
+        return float(norm)
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(
+        self, prompts: PromptSet, *, guidance_scale: float | None = None, use_ema: bool = True
+    ) -> tuple[dict[str, float], Tensor]:
+        """Held-out prompts with fixed seeds: mean reward, per-reward means and every extra's
+        mean (e.g. eval_accuracy). Returns (metrics, images)."""
+        config = self.config.eval
+        guidance = config.guidance_scale if guidance_scale is None else guidance_scale
+        context = self.policies.ema_weights() if use_ema and self.config.ema.enabled else self.policies.role("trained")
+        text = self.model.encode_text(prompts.prompts)
+        with context as module:
+            samples = self.rollout(
+                module,
+                text,
+                seed=config.seed,
+                iteration=0,
+                sampler=config.sampler,
+                grid=self.eval_grid,
+                guidance_scale=guidance,
+                batch_size=config.batch_size,
+                purpose="eval_noise",
+            )
+        rewards = self.score(samples, prompts.prompts, prompts.metadata, config.batch_size)
+        metrics = {"eval_reward_mean": float(rewards.score.mean())}
+        metrics.update({f"eval_{key}": float(value.mean()) for key, value in rewards.extras.items()})
+        images = torch.cat(
+            [self.model.decode(samples[s : s + config.batch_size]) for s in range(0, len(samples), config.batch_size)]
+        )
+        return metrics, images
+
+
+def load_lora_into(policies: LoraPolicies, path: str) -> None:
+    """Warm start: copies a LoRA safetensors file (diffusers or peft names) into both adapters."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    trained = policies.trained_parameters()
+    loaded = 0
+    for key, tensor in state.items():
+        name = key.removeprefix("transformer.").replace(".lora_A.weight", ".lora_A.default.weight")
+        name = name.replace(".lora_B.weight", ".lora_B.default.weight")
+        if name not in trained:
+            continue
+        if trained[name].shape != tensor.shape:
+            raise ValueError(
+                f"model.init_lora: {key} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(trained[name].shape)} (lora.rank differs?)"
+            )
+        with torch.no_grad():
+            trained[name].copy_(tensor)
+            policies.old_parameters()[name].copy_(tensor)
+            policies.ema[name].copy_(tensor)
+        loaded += 1
+    if loaded == 0:
+        raise ValueError(f"model.init_lora: {path} holds no LoRA weight for lora.target_modules")
