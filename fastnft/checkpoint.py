@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,14 @@ def _single_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save and load, which is a supported use."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _training_state(trainer: Any) -> dict[str, Any]:
     """The state DCP saves and loads in place (tensors alias the live ones)."""
     policies = trainer.policies
@@ -74,7 +85,8 @@ def save_checkpoint(trainer: Any, run_dir: Path, keep_last: int) -> Path:
     final = root / checkpoint_name(trainer.iteration)
     temporary = root / f".tmp-{final.name}"
     shutil.rmtree(temporary, ignore_errors=True)
-    dcp.save(_training_state(trainer), checkpoint_id=str(temporary), no_dist=_single_process())
+    with _quiet_single_process():
+        dcp.save(_training_state(trainer), checkpoint_id=str(temporary), no_dist=_single_process())
     if final.exists():
         shutil.rmtree(final)
     temporary.rename(final)
@@ -86,7 +98,8 @@ def save_checkpoint(trainer: Any, run_dir: Path, keep_last: int) -> Path:
 def load_checkpoint(trainer: Any, path: Path) -> None:
     """Restores the training state of `trainer` in place from the checkpoint at path."""
     state = _training_state(trainer)
-    dcp.load(state, checkpoint_id=str(path), no_dist=_single_process())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=_single_process())
     options = StateDictOptions(ignore_frozen_params=True)
     set_optimizer_state_dict(
         trainer.policies.transformer, trainer.optimizer, optim_state_dict=state["optimizer"], options=options

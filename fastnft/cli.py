@@ -24,8 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train (or resume) a run")
-    train.add_argument("config", nargs="?", help="YAML config file (optional with --resume)")
-    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. nft.beta=0.1")
+    train.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG] key=value",
+        help="YAML config file (optional) and dotted overrides, e.g. nft.beta=0.1, in any order among the options",
+    )
     train.add_argument("--out", type=Path, help="run directory (default runs/<config name>)")
     train.add_argument("--iterations", type=int, help="total number of iterations to reach")
     train.add_argument("--resume", type=Path, help="continue the run in this directory")
@@ -44,10 +48,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """argparse cannot tell an optional CONFIG from the first key=value: '=' decides."""
-    items = ([args.config] if args.config else []) + list(args.overrides)
-    config = items[0] if items and "=" not in items[0] else None
-    return config, items[1:] if config else items
+    """The optional CONFIG is the one item without '='."""
+    files = [item for item in args.items if "=" not in item]
+    if len(files) > 1:
+        raise ConfigError(f"config: give one config file, got {', '.join(files)}")
+    return (files[0] if files else None), [item for item in args.items if "=" in item]
 
 
 def _changed_fields(saved: dict, requested: dict, prefix: str = "") -> list[str]:
@@ -73,12 +78,11 @@ def _resolve_train_config(args: argparse.Namespace) -> tuple[Config, Path, bool]
     saved_path = args.resume / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"--resume: {args.resume} holds no config.yaml (not a fastnft run directory)")
-    config = load_config(saved_path, overrides)
-    if config_path is not None:
-        requested = load_config(config_path, overrides)
-        changed = _changed_fields(to_dict(config), to_dict(requested))
-        if changed:
-            raise ConfigError(f"--resume: the config differs from the run's in {', '.join(changed)}")
+    saved = load_config(saved_path)
+    config = load_config(config_path or saved_path, overrides)
+    changed = _changed_fields(to_dict(saved), to_dict(config))
+    if changed:
+        raise ConfigError(f"--resume: the config differs from the run's in {', '.join(changed)}")
     if args.out is not None and args.out.resolve() != args.resume.resolve():
         raise ConfigError("--out: a resumed run writes into its --resume directory")
     return config, args.resume, True
@@ -157,7 +161,13 @@ def command_eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)  # overrides may follow options
+    if args.command == "train":
+        args.items += [item for item in unknown if not item.startswith("-")]
+    unknown = [item for item in unknown if item.startswith("-") or args.command != "train"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "train":
             from fastnft.run import train

@@ -13,6 +13,7 @@ trained weights, used for evaluation and exports.
 from __future__ import annotations
 
 import copy
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,7 +90,9 @@ class LoraPolicies(Policies):
             peft_config = PeftLoraConfig(
                 r=config.rank, lora_alpha=config.alpha, init_lora_weights=init, target_modules=targets
             )
-            transformer.add_adapter(peft_config, adapter_name=adapter)
+            with warnings.catch_warnings():  # two adapters on one model are the design
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                transformer.add_adapter(peft_config, adapter_name=adapter)
         self._trained = {}
         self._old = {}
         for name, parameter in transformer.named_parameters():
