@@ -1,4 +1,4 @@
-"""Rewards -> optimality probabilities (ALGORITHM.md section 4).
+"""Rewards -> optimality probabilities (docs/algorithm.md, section 4).
 
     A = (R - mean of R over the same prompt) / (std of ALL R of the iteration + 1e-4)
     A = clip(A, -adv_clip_max, adv_clip_max)

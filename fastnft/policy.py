@@ -1,4 +1,4 @@
-"""The three policies of DiffusionNFT and their updates (ALGORITHM.md section 6).
+"""The three policies of DiffusionNFT and their updates (docs/algorithm.md, section 6).
 
 - trained: v_theta, the only one with gradients;
 - old: v_old, the rollout policy, soft-updated towards the trained one after each iteration;
@@ -38,6 +38,10 @@ class Policies(ABC):
     @abstractmethod
     def trained_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters the optimizer updates, by name."""
+
+    @abstractmethod
+    def modules(self) -> list[nn.Module]:
+        """Every distinct transformer module the roles use (for compile)."""
 
     @abstractmethod
     def old_parameters(self) -> dict[str, Tensor]:
@@ -117,6 +121,9 @@ class LoraPolicies(Policies):
     def old_parameters(self) -> dict[str, Tensor]:
         return self._old
 
+    def modules(self) -> list[nn.Module]:
+        return [self.transformer]
+
     def _activate(self, role: str) -> None:
         if role == self._active:
             return
@@ -159,6 +166,9 @@ class FullPolicies(Policies):
 
     def old_parameters(self) -> dict[str, Tensor]:
         return self._old_by_name
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.transformer, self.old, self.reference) if m is not None]
 
     @contextmanager
     def role(self, name: str) -> Iterator[nn.Module]:

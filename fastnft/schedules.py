@@ -1,4 +1,4 @@
-"""Old-policy soft update and EMA (ALGORITHM.md section 6).
+"""Old-policy soft update and EMA (docs/algorithm.md, section 6).
 
 `step` counts optimizer steps INCLUDING the current iteration's: after the first iteration
 step = 1, so eta = 0.001 (schedule 1) and the EMA decay is min(2 / 11, 0.9). Order after each

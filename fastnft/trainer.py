@@ -1,4 +1,4 @@
-"""The DiffusionNFT iteration (ALGORITHM.md sections 3-6), composed from the pieces:
+"""The DiffusionNFT iteration (docs/algorithm.md, sections 3-6), composed from the pieces:
 
 1. draw `groups` prompts and encode each once;
 2. roll out K images per prompt with the OLD policy on the pinned grid;
@@ -31,6 +31,7 @@ from fastnft.rewards import RewardOutput, WeightedRewards
 from fastnft.rng import generator, keyed_randn
 from fastnft.sampling import sample, timestep_grid
 from fastnft.schedules import ema_decay, old_policy_eta
+from fastnft.speed import apply_attention, apply_compile
 from fastnft_kernels import nft_loss
 
 
@@ -60,8 +61,14 @@ class Trainer:
         self.model: ModelAdapter = build_model(config.model, config.seed, self.device, weight_dtype)
         for module in self.model.frozen_modules().values():
             module.requires_grad_(False).eval()
+        self.attention = apply_attention(self.model.transformer, config.model.attention)
+        if config.model.gradient_checkpointing:
+            self.model.transformer.enable_gradient_checkpointing()
         with seeded(config.seed):  # LoRA's gaussian init draws from the global generator
             self.policies: Policies = self._build_policies(weight_dtype)
+        self.compiled_blocks = 0
+        if config.compile.enabled:
+            self.compiled_blocks = sum(apply_compile(module, config.compile) for module in self.policies.modules())
         self.optimizer = build_optimizer(config.optim, list(self.policies.trained_parameters().values()))
         reference_precision = config.model.precision == "reference" and self.device.type == "cuda"
         self.autocast_dtype = torch.float16 if reference_precision else None

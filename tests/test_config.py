@@ -1,10 +1,13 @@
 """Config loading: YAML plus overrides, types, and errors that name the field."""
 
+import dataclasses
 import re
+import typing
+from pathlib import Path
 
 import pytest
 
-from fastnft.config import ConfigError, load_config
+from fastnft.config import Config, ConfigError, load_config
 
 
 @pytest.fixture
@@ -65,3 +68,18 @@ def test_missing_config_file_and_missing_model(tmp_path, prompt_file):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match=r"model\.path: set a local pipeline directory"):
         load_config(None, [f"prompts.train={prompt_file}"])
+
+
+def test_docs_name_every_field():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+
+    def fields(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[item.name]):
+                yield from fields(hints[item.name], f"{prefix}{item.name}.")
+            else:
+                yield prefix, item.name
+
+    missing = [f"{p}{n}" for p, n in fields(Config) if f"`{n}`" not in docs and f"`{p}{n}`" not in docs]
+    assert not missing, f"docs/config.md does not document {missing}"

@@ -1,5 +1,5 @@
 """fastnft_kernels.nft_loss: both paths against an independent float64 transcription of the
-formula (ALGORITHM.md section 5), forwards and gradients, per-dtype tolerances, odd shapes."""
+formula (docs/algorithm.md, section 5), forwards and gradients, per-dtype tolerances, odd shapes."""
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ TOLERANCES = {"fp32": (2e-5, 2e-5), "bf16": (2e-5, 8e-3), "fp16": (2e-5, 1e-3), 
 
 def float64_nft_loss(v_theta, v_old, x0, noise, t, r, *, beta, v_ref, kl_coef, adv_clip_max,
                      loss_space, eps, weights=None):  # fmt: skip
-    """ALGORITHM.md section 5 in float64, written apart from the library. `weights`
+    """docs/algorithm.md section 5 in float64, written apart from the library. `weights`
     (w_pos, w_neg) replaces the detached adaptive weights by constants."""
     batch = v_theta.shape[0]
     v_theta, v_old, x0, noise = (x.double().reshape(batch, -1) for x in (v_theta, v_old, x0, noise))

@@ -1,4 +1,4 @@
-"""The reward interface, registry and weighted sum (ALGORITHM.md section 4, step 1)."""
+"""The reward interface, registry and weighted sum (docs/algorithm.md, section 3)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,82 @@
+"""Speed switches applied to the transformer by small functions, each a config field:
+the attention implementation, regional torch.compile, gradient checkpointing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+from fastnft.config import CompileConfig, ConfigError
+
+SDPA_BACKENDS = {
+    "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa-math": SDPBackend.MATH,
+}
+
+
+class _FlashAttention(TorchFunctionMode):
+    """Routes SDPA calls (layout [B, H, L, D], no mask) to flash-attn's kernel ([B, L, H, D])."""
+
+    def __init__(self, flash_attn_func) -> None:
+        super().__init__()
+        self.flash_attn_func = flash_attn_func
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and kwargs.get("attn_mask") is None and len(args) == 3:
+            query, key, value = (x.transpose(1, 2) for x in args)
+            causal = kwargs.get("is_causal", False)
+            return self.flash_attn_func(query, key, value, causal=causal).transpose(1, 2)
+        return func(*args, **kwargs)
+
+
+class AttentionBackend:
+    """Wraps a model's own attention processor: runs it with a chosen SDPA backend, or with
+    flash-attn in place of SDPA. The model's attention math itself is untouched."""
+
+    def __init__(self, processor, name: str) -> None:
+        self.processor = processor
+        self.name = name
+        if name == "flash-attn":
+            try:
+                from flash_attn import flash_attn_func
+            except ImportError as error:
+                raise ConfigError(
+                    "model.attention: flash-attn is not installed (pip install 'fastnft[flash]'; it builds "
+                    "from source against your CUDA torch), or use sdpa-cudnn"
+                ) from error
+            self.context = lambda: _FlashAttention(flash_attn_func)
+        else:
+            self.context = lambda: sdpa_kernel(SDPA_BACKENDS[name])
+
+    def __call__(self, *args, **kwargs):
+        with self.context():
+            return self.processor(*args, **kwargs)
+
+
+def apply_attention(transformer: nn.Module, name: str) -> dict[str, str]:
+    """Installs the attention implementation `name` with set_attn_processor; returns the
+    processor installed on each attention layer (recorded in bench results)."""
+    if name != "sdpa":
+        processors = transformer.attn_processors
+        transformer.set_attn_processor({key: AttentionBackend(p, name) for key, p in processors.items()})
+    return {key: getattr(p, "name", type(p).__name__) for key, p in transformer.attn_processors.items()}
+
+
+def apply_compile(transformer: nn.Module, config: CompileConfig) -> int:
+    """Regional compile: each repeated transformer block compiles on its own (a short compile,
+    shared across the policies' roles). Returns the number of compiled blocks."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = config.recompile_limit
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8 * config.recompile_limit)
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None:
+        raise ConfigError("compile.enabled: the transformer has no transformer_blocks to compile")
+    for block in blocks:
+        block.compile(backend=config.backend, mode=config.mode)
+    return len(blocks)

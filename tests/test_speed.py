@@ -1,0 +1,75 @@
+"""Speed switches: each changes what it says it changes and leaves the loss unchanged."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from fastnft.cli import main
+from fastnft.trainer import Trainer
+from tests.helpers import TINY_CONFIG, tiny_config
+
+
+def first_pair_loss_and_grads(trainer: Trainer):
+    """Loss and LoRA gradients of one (micro-batch, timestep) pair on fixed tensors."""
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, *trainer.model.sample_shape, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = trainer.grid[:4]
+    r = torch.tensor([0.1, 0.4, 0.6, 0.9])
+    text = trainer.model.encode_text(["a red circle", "a cat", "two stars", "a dog"])
+    with torch.no_grad():  # move the trained policy away from the old one
+        for p in trainer.policies.trained_parameters().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    out = trainer.nft_step(x0, noise, t, r, text)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.policies.trained_parameters().items() if p.grad is not None}
+    return out.loss.detach(), grads
+
+
+def assert_same_loss_and_grads(first, second, rtol=1e-5, atol=1e-6):
+    assert torch.allclose(first[0], second[0], rtol=rtol, atol=atol)
+    assert first[1].keys() == second[1].keys()
+    for name in first[1]:
+        assert torch.allclose(first[1][name], second[1][name], rtol=rtol, atol=atol), name
+
+
+def test_attention_backend_is_installed_and_exact():
+    default = Trainer(tiny_config(), progress=False)
+    math_backend = Trainer(tiny_config(["model.attention=sdpa-math"]), progress=False)
+    assert set(default.attention.values()) == {"JointAttnProcessor2_0"}
+    assert set(math_backend.attention.values()) == {"sdpa-math"}
+    assert len(math_backend.attention) == 3  # joint attention in both blocks and the dual attention
+    assert_same_loss_and_grads(first_pair_loss_and_grads(default), first_pair_loss_and_grads(math_backend))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attn_missing_is_a_clear_config_error(tmp_path, capsys):
+    code = main(["train", str(TINY_CONFIG), "--out", str(tmp_path), "model.attention=flash-attn"])
+    assert code == 2 and "model.attention: flash-attn is not installed" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients():
+    plain = first_pair_loss_and_grads(Trainer(tiny_config(), progress=False))
+    checkpointed_trainer = Trainer(tiny_config(["model.gradient_checkpointing=true"]), progress=False)
+    assert checkpointed_trainer.model.transformer.gradient_checkpointing
+    assert_same_loss_and_grads(plain, first_pair_loss_and_grads(checkpointed_trainer))
+
+
+def test_regional_compile_is_warm_after_the_first_iteration(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    config = tiny_config(["compile.enabled=true", "compile.backend=aot_eager", "eval.every=0"])
+    trainer = Trainer(config, progress=False)
+    assert trainer.compiled_blocks == 2
+    eager = Trainer(tiny_config(["eval.every=0"]), progress=False)
+    compiled_row = trainer.run_iteration()
+    graphs_after_first = counters["stats"]["unique_graphs"]
+    assert graphs_after_first > 0
+    trainer.run_iteration()
+    assert counters["stats"]["unique_graphs"] == graphs_after_first  # no new graph in iteration 2
+    eager_row = eager.run_iteration()
+    assert compiled_row["loss"] == pytest.approx(eager_row["loss"], rel=1e-4)
+    torch._dynamo.reset()
