@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fastnft.benchmarking import device_name, git_commit
+from fastnft.config import ConfigError
 
 
 def _clean(value: Any) -> Any:
@@ -22,13 +23,28 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, tensorboard: bool) -> None:
+    """metrics.jsonl, mirrored to TensorBoard and (optionally) Weights & Biases."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, wandb_config: dict[str, Any] | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
+        self.wandb_run = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb_config is not None:
+            try:
+                import wandb
+            except ImportError as error:
+                raise ConfigError("logging.wandb: needs wandb: pip install 'fastnft[wandb]'") from error
+            self.wandb_run = wandb.init(
+                project="fastnft",
+                dir=str(run_dir),
+                config=wandb_config,
+                resume="allow",
+                id=Path(run_dir).resolve().name,
+            )
 
     def truncate_after(self, iteration: int) -> None:
         """Drops rows of iterations after `iteration` (work a resumed run redoes)."""
@@ -43,11 +59,13 @@ class MetricsLog:
         row = {key: _clean(value) for key, value in row.items()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if k != "iteration" and isinstance(v, (int, float))}
         if self.writer is not None:
-            for key, value in row.items():
-                if key != "iteration" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["iteration"])
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, row["iteration"])
             self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=row["iteration"])
 
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -57,6 +75,8 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def write_run_info(run_dir: Path, device: torch.device, argv: list[str]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastnft.config import OptimConfig
+from fastnft.config import ConfigError, OptimConfig
 
 
 def build_optimizer(config: OptimConfig, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -17,12 +17,12 @@ def build_optimizer(config: OptimConfig, parameters: list[nn.Parameter]) -> torc
         try:
             import bitsandbytes
         except ImportError as error:
-            raise ImportError("optim.name = adamw8bit-bnb needs bitsandbytes: pip install 'fastnft[bnb]'") from error
+            raise ConfigError("optim.name: adamw8bit-bnb needs bitsandbytes: pip install 'fastnft[bnb]'") from error
         return bitsandbytes.optim.AdamW8bit(parameters, **options)
     if config.name == "adamw8bit-torchao":
         try:
             from torchao.optim import AdamW8bit
         except ImportError as error:
-            raise ImportError("optim.name = adamw8bit-torchao needs torchao: pip install 'fastnft[torchao]'") from error
+            raise ConfigError("optim.name: adamw8bit-torchao needs torchao: pip install 'fastnft[torchao]'") from error
         return AdamW8bit(parameters, bf16_stochastic_round=config.bf16_stochastic_round, **options)
-    raise ValueError(f"optim.name: unknown optimizer {config.name!r}")
+    raise ConfigError(f"optim.name: unknown optimizer {config.name!r}")

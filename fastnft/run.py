@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fastnft.checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
-from fastnft.config import Config, dump_yaml
+from fastnft.config import Config, dump_yaml, to_dict
 from fastnft.metrics import MetricsLog, write_run_info
 from fastnft.trainer import Trainer
 from fastnft.visual import save_grid
@@ -62,7 +62,8 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config)
-    log = MetricsLog(run_dir, tensorboard=config.logging.tensorboard)
+    wandb_config = to_dict(config) if config.logging.wandb else None
+    log = MetricsLog(run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config)
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is not None:

@@ -1,5 +1,6 @@
 """The training loop on tiny random-init SD3 components (configs/tiny.yaml)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -192,3 +193,26 @@ def test_resume_refuses_a_different_config(tmp_path, capsys):
     error = capsys.readouterr().err
     assert code == 2 and "differs from the run's in nft.beta" in error and "logging" not in error
     assert load_config(tmp_path / "config.yaml").nft.beta == 1.0
+
+
+def test_two_optimizer_steps_per_iteration_update_the_ema_twice():
+    trainer = Trainer(tiny_config(["optim.steps_per_iteration=2"]), progress=False)
+    row = trainer.run_iteration()
+    assert trainer.optimizer_steps == 2 and row["optimizer_steps"] == 2
+    assert row["eta"] == pytest.approx(old_policy_eta(1, 2))
+
+
+def test_init_lora_warm_starts_every_copy(tmp_path):
+    first = train(tiny_config(["optim.lr=0.05", "eval.every=0"], iterations=1), tmp_path / "first")
+    exported = tmp_path / "first" / "export" / "pytorch_lora_weights.safetensors"
+    warm = Trainer(tiny_config([f"model.init_lora={exported}"]), progress=False)
+    assert warm.iteration == 0  # a warm start, not a resume
+    for name, ema in first.policies.ema.items():
+        assert torch.equal(warm.policies.trained_parameters()[name].detach(), ema)
+        assert torch.equal(warm.policies.old_parameters()[name].detach(), ema)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
+def test_missing_optional_optimizer_is_a_config_error(tmp_path, capsys):
+    code = main(["train", str(TINY_CONFIG), "--out", str(tmp_path), "optim.name=adamw8bit-bnb"])
+    assert code == 2 and "optim.name: adamw8bit-bnb needs bitsandbytes" in capsys.readouterr().err
