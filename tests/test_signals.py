@@ -33,6 +33,6 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     stopped_at = rows[-1]["iteration"]
     assert 1 <= stopped_at < 500
     assert latest_checkpoint(run).name == f"iteration_{stopped_at:06d}"
-    quiet = ["logging.progress=false", "checkpoint.every=0", "eval.every=0", "logging.sample_grid_every=0"]
+    quiet = ["logging.progress=false", "checkpoint.every=0", "eval.every=0"]
     assert main(["train", "--resume", str(run), "--iterations", str(stopped_at + 1), *quiet]) == 0
     assert json.loads(metrics.read_text().splitlines()[-1])["iteration"] == stopped_at + 1
