@@ -3,6 +3,7 @@
     fastnft train [CONFIG] [--out DIR] [--iterations N] [--resume DIR] [key=value ...]
     fastnft sample RUN_OR_CHECKPOINT --prompts FILE_OR_TEXT [--cfg S] [--out DIR]
     fastnft eval RUN_OR_CHECKPOINT [--prompts FILE] [--out DIR]
+    fastnft pretrain shapes [--out DIR] [--steps N] ...
 
 Configuration errors print one line naming the field and exit with code 2.
 """
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompts", required=True, help="a .txt/.jsonl prompt file, or a prompt")
     sample.add_argument("--cfg", type=float, default=None, help="guidance scale (default eval.guidance_scale)")
     sample.add_argument("--out", type=Path, help="output directory (default RUN/samples/sample)")
+
+    pretrain = commands.add_parser("pretrain", help="pretrain an embedded task's base model", add_help=False)
+    pretrain.add_argument("task", choices=["shapes"])
+    pretrain.add_argument("task_arguments", nargs=argparse.REMAINDER, help="see fastnft pretrain shapes --help")
 
     evaluate = commands.add_parser("eval", help="evaluate a run's EMA weights on prompts")
     evaluate.add_argument("checkpoint", type=Path, help="a run directory or one of its checkpoints")
@@ -161,6 +166,10 @@ def command_eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["pretrain", "shapes"]:
+        from fastnft.shapes.pretrain import main as pretrain_shapes
+
+        return pretrain_shapes(argv[2:])
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)  # overrides may follow options
     if args.command == "train":

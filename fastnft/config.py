@@ -126,8 +126,10 @@ class EvalConfig:
     sampler: str = "euler"
     steps: int = 40
     guidance_scale: float = 1.0
+    images_per_prompt: int = 1
     batch_size: int = 16
     seed: int = 1234
+    cfg_scales: list[float] = field(default_factory=list)  # base model with CFG, evaluated once at the start
 
 
 @dataclass
@@ -342,8 +344,17 @@ def _require(condition: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
 def resolve_path(value: str, base: Path) -> Path:
-    """A config path: absolute, or relative to the working directory, else to the config file."""
+    """A config path: `pkg:fastnft/assets/...` (inside the installed package), absolute, or
+    relative to the working directory, else to the config file."""
+    if value.startswith(PACKAGE_PREFIX):
+        from importlib.resources import files
+
+        package, _, inner = value.removeprefix(PACKAGE_PREFIX).partition("/")
+        return Path(str(files(package) / inner))
     path = Path(value).expanduser()
     if path.is_absolute() or path.exists():
         return path
@@ -398,6 +409,7 @@ def validate(config: Config, base: Path) -> None:
     )
     _require(config.rollout.guidance_scale >= 1, "rollout.guidance_scale", "must be >= 1 (1 = no guidance)")
     _require(config.eval.guidance_scale >= 1, "eval.guidance_scale", "must be >= 1 (1 = no guidance)")
+    _require(all(s > 1 for s in config.eval.cfg_scales), "eval.cfg_scales", "every scale must be > 1")
     _require(len(config.optim.betas) == 2, "optim.betas", "must be two numbers")
     _require(config.optim.eps > 0, "optim.eps", "must be > 0")
     images = config.rollout.groups * config.rollout.group_size

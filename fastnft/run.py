@@ -16,6 +16,7 @@ from pathlib import Path
 from fastnft.checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastnft.config import Config, dump_yaml, to_dict
 from fastnft.metrics import MetricsLog, write_run_info
+from fastnft.report import before_after, plot_curves, summary
 from fastnft.trainer import Trainer
 from fastnft.visual import save_grid
 
@@ -50,11 +51,32 @@ def evaluate_and_log(trainer: Trainer, log: MetricsLog, run_dir: Path) -> dict[s
         return {}
     metrics, images = trainer.evaluate(trainer.eval_prompts)
     log.append({"iteration": trainer.iteration, **metrics})
-    count = min(16, len(images))
-    save_grid(
-        images[:count], trainer.eval_prompts.prompts[:count], run_dir / "samples" / f"eval_{trainer.iteration:06d}.png"
-    )
+    save_eval_grid(trainer, images, run_dir / "samples" / f"eval_{trainer.iteration:06d}.png")
     return metrics
+
+
+def save_eval_grid(trainer: Trainer, images, path: Path) -> None:
+    """The first image of up to 16 evaluation prompts, with their prompts."""
+    repeats = trainer.config.eval.images_per_prompt
+    count = min(16, len(trainer.eval_prompts))
+    save_grid(images[::repeats][:count], trainer.eval_prompts.prompts[:count], path)
+
+
+def evaluate_with_guidance(trainer: Trainer, log: MetricsLog, run_dir: Path) -> dict[str, float]:
+    """The untrained model with each CFG scale: eval_<key>_cfg_<scale>, and eval_<key>_cfg the best
+    over the scales. These rows never carry the CFG-free keys."""
+    scales = trainer.config.eval.cfg_scales
+    if trainer.eval_prompts is None or not scales:
+        return {}
+    row: dict[str, float] = {}
+    for scale in scales:
+        metrics, images = trainer.evaluate(trainer.eval_prompts, guidance_scale=scale)
+        row.update({f"{key}_cfg_{scale:g}": value for key, value in metrics.items()})
+        save_eval_grid(trainer, images, run_dir / "samples" / f"eval_{trainer.iteration:06d}_cfg_{scale:g}.png")
+        for key, value in metrics.items():
+            row[f"{key}_cfg"] = max(row.get(f"{key}_cfg", value), value)
+    log.append({"iteration": trainer.iteration, **row})
+    return row
 
 
 def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str] = ()) -> Trainer:
@@ -80,6 +102,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str
         with stop.installed():
             if trainer.iteration == 0 and config.eval.at_start:
                 evaluate_and_log(trainer, log, run_dir)
+                evaluate_with_guidance(trainer, log, run_dir)
             while trainer.iteration < config.iterations and not stop:
                 row = trainer.run_iteration()
                 log.append(row)
@@ -96,6 +119,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str
                 if config.checkpoint.every and iteration % config.checkpoint.every == 0:
                     save_checkpoint(trainer, run_dir, config.checkpoint.keep_last)
                     last_checkpoint = iteration
+        write_report(trainer, log.rows(), run_dir, time.perf_counter() - started)
     finally:
         # After a crash mid-iteration the state is half-updated: keep the last checkpoint instead.
         if last_checkpoint != trainer.iteration and not trainer.in_iteration:
@@ -109,6 +133,16 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str
         flush=True,
     )
     return trainer
+
+
+def write_report(trainer: Trainer, rows: list[dict], run_dir: Path, wall_seconds: float) -> None:
+    """curves.png, samples/before_after.png (first and last evaluation grids) and the summary."""
+    plot_curves(rows, run_dir / "curves.png")
+    grids = sorted((run_dir / "samples").glob("eval_[0-9][0-9][0-9][0-9][0-9][0-9].png"))
+    if len(grids) >= 2:
+        labels = (f"iteration {int(grids[0].stem[5:])}", f"iteration {int(grids[-1].stem[5:])}")
+        before_after(grids[0], grids[-1], run_dir / "samples" / "before_after.png", labels)
+    print(summary(rows, wall_seconds), flush=True)
 
 
 def _summary(row: dict, target: int) -> str:

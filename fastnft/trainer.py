@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fastnft.config import Config
+from fastnft.config import Config, ConfigError
 from fastnft.models import ModelAdapter, TextEmbedding, build_model
 from fastnft.models.presets import seeded
 from fastnft.optimality import optimality_probabilities
@@ -39,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA device is available")
+        raise ConfigError("device: cuda was asked for but no CUDA device is available")
     return torch.device(name)
 
 
@@ -351,12 +351,16 @@ class Trainer:
     def evaluate(
         self, prompts: PromptSet, *, guidance_scale: float | None = None, use_ema: bool = True
     ) -> tuple[dict[str, float], Tensor]:
-        """Held-out prompts with fixed seeds: mean reward, per-reward means and every extra's
-        mean (e.g. eval_accuracy). Returns (metrics, images)."""
+        """Held-out prompts with fixed seeds (eval.images_per_prompt images each, prompt-major):
+        mean reward, per-reward means and every extra's mean (e.g. eval_accuracy). Returns
+        (metrics, images)."""
         config = self.config.eval
         guidance = config.guidance_scale if guidance_scale is None else guidance_scale
         context = self.policies.ema_weights() if use_ema and self.config.ema.enabled else self.policies.role("trained")
-        text = self.model.encode_text(prompts.prompts)
+        repeats = config.images_per_prompt
+        text = self.model.encode_text(prompts.prompts).repeat_interleave(repeats)
+        prompt_list = [p for p in prompts.prompts for _ in range(repeats)]
+        metadata = [m for m in prompts.metadata for _ in range(repeats)]
         with context as module:
             samples = self.rollout(
                 module,
@@ -369,7 +373,7 @@ class Trainer:
                 batch_size=config.batch_size,
                 purpose="eval_noise",
             )
-        rewards = self.score(samples, prompts.prompts, prompts.metadata, config.batch_size)
+        rewards = self.score(samples, prompt_list, metadata, config.batch_size)
         metrics = {"eval_reward_mean": float(rewards.score.mean())}
         metrics.update({f"eval_{key}": float(value.mean()) for key, value in rewards.extras.items()})
         images = torch.cat(

@@ -216,3 +216,16 @@ def test_init_lora_warm_starts_every_copy(tmp_path):
 def test_missing_optional_optimizer_is_a_config_error(tmp_path, capsys):
     code = main(["train", str(TINY_CONFIG), "--out", str(tmp_path), "optim.name=adamw8bit-bnb"])
     assert code == 2 and "optim.name: adamw8bit-bnb needs bitsandbytes" in capsys.readouterr().err
+
+
+def test_evaluation_at_start_with_and_without_guidance(tmp_path):
+    overrides = ["eval.at_start=true", "eval.cfg_scales=[1.5, 3]", "eval.images_per_prompt=2", "eval.every=0"]
+    train(tiny_config(overrides, iterations=1), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    free, guided = rows[0], rows[1]
+    assert free["iteration"] == guided["iteration"] == 0
+    assert "eval_reward_mean" in free and not any("cfg" in key for key in free)
+    assert "eval_reward_mean" not in guided
+    scales = [guided["eval_reward_mean_cfg_1.5"], guided["eval_reward_mean_cfg_3"]]
+    assert guided["eval_reward_mean_cfg"] == max(scales) and scales[0] != scales[1]
+    assert (tmp_path / "samples" / "eval_000000_cfg_3.png").is_file()

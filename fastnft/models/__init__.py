@@ -15,4 +15,8 @@ def build_model(config: ModelConfig, seed: int, device: torch.device, weight_dty
         from fastnft.models.sd3 import SD3Adapter
 
         return SD3Adapter.from_config(config, seed, device, weight_dtype)
+    if config.kind == "sd3-pixel":
+        from fastnft.models.sd3_pixel import SD3PixelAdapter
+
+        return SD3PixelAdapter.from_config(config, seed, device, weight_dtype)
     raise ValueError(f"model.kind: unknown model kind {config.kind!r}")

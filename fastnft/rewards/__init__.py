@@ -16,12 +16,14 @@ from fastnft.rewards.base import (
     register,
 )
 from fastnft.rewards.jpeg import JpegCompressibility, JpegIncompressibility
+from fastnft.rewards.shapes import ShapesReward
 
 __all__ = [
     "JpegCompressibility",
     "JpegIncompressibility",
     "Reward",
     "RewardOutput",
+    "ShapesReward",
     "WeightedRewards",
     "available_rewards",
     "build_reward",
