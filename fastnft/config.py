@@ -381,10 +381,10 @@ def validate(config: Config, base: Path) -> None:
         "nft.adv_clip_max",
         "nft.eps",
         "nft.micro_batch_size",
-        "optim.lr",
         "optim.steps_per_iteration",
         "eval.steps",
         "eval.batch_size",
+        "eval.images_per_prompt",
         "checkpoint.keep_last",
         "compile.recompile_limit",
     ]
@@ -392,6 +392,7 @@ def validate(config: Config, base: Path) -> None:
         _require(_get(config, name) > 0, name, f"must be > 0; got {_get(config, name)!r}")
     for name in [
         "nft.kl_coef",
+        "optim.lr",  # 0 is a legitimate control run
         "optim.weight_decay",
         "optim.grad_clip",
         "eval.every",

@@ -1,0 +1,33 @@
+"""The committed `shapes` base model and the default run built on it."""
+
+import json
+
+from fastnft.cli import default_config_path
+from fastnft.config import load_config, resolve_path
+from fastnft.shapes.pretrain import checksums
+from fastnft.trainer import Trainer
+
+SHAPES_CONFIG = default_config_path().parent / "shapes.yaml"
+
+
+def shapes_config(overrides=()):
+    return load_config(SHAPES_CONFIG, ["logging.progress=false", "logging.tensorboard=false", *overrides])
+
+
+def test_the_default_run_is_the_shapes_task():
+    default, shapes = load_config(default_config_path()), load_config(SHAPES_CONFIG)
+    assert default == shapes
+    assert shapes.rollout.guidance_scale == 1.0 and shapes.eval.guidance_scale == 1.0  # CFG-free
+    assert [r.name for r in shapes.rewards] == ["shapes"]
+
+
+def test_asset_matches_its_checksums_and_generates():
+    asset = resolve_path("pkg:fastnft/assets/shapes-base", SHAPES_CONFIG.parent)
+    recipe = json.loads((asset / "recipe.json").read_text())
+    assert checksums(asset) == recipe["sha256"]
+    size = sum(f.stat().st_size for f in asset.rglob("*.safetensors"))
+    assert size <= 20 * 2**20
+    trainer = Trainer(shapes_config(["eval.images_per_prompt=1", "eval.steps=4"]), progress=False)
+    _, images = trainer.evaluate(trainer.eval_prompts)
+    assert images.shape == (len(trainer.eval_prompts), 3, 32, 32)
+    assert images.std() > 0.05  # not blank
