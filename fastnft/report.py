@@ -36,7 +36,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
     for axis in axes:
         axis.set_xlabel("iteration")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.lines:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
