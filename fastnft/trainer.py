@@ -174,15 +174,20 @@ class Trainer:
                 bar.update(len(indices))
         return torch.cat(samples)
 
-    def score(self, samples: Tensor, prompts: list[str], metadata: list[dict], batch_size: int) -> RewardOutput:
-        """Decodes and scores in batches; returns the weighted sum and per-reward extras."""
-        outputs = []
+    def score(self, samples: Tensor, prompts: list[str], metadata: list[dict], batch_size: int,
+              keep_images: bool = False) -> tuple[RewardOutput, Tensor | None]:  # fmt: skip
+        """Decodes and scores in batches; returns the weighted sum with per-reward extras, and the
+        decoded images when keep_images (rollouts do not keep them: they can be large)."""
+        outputs, kept = [], []
         for start in range(0, len(samples), batch_size):
             stop = start + batch_size
             images = self.model.decode(samples[start:stop])
             outputs.append(self.rewards(images, prompts[start:stop], metadata[start:stop]))
+            if keep_images:
+                kept.append(images)
         extras = {key: torch.cat([o.extras[key] for o in outputs]) for key in outputs[0].extras}
-        return RewardOutput(torch.cat([o.score for o in outputs]), extras)
+        rewards = RewardOutput(torch.cat([o.score for o in outputs]), extras)
+        return rewards, torch.cat(kept) if keep_images else None
 
     def run_iteration(self) -> dict[str, Any]:
         """Runs iteration self.iteration (0-based) and returns its metrics row."""
@@ -214,7 +219,7 @@ class Trainer:
 
         image_prompts = [prompts[g] for g in image_group.tolist()]
         image_metadata = [metadata[g] for g in image_group.tolist()]
-        rewards = self.score(x0, image_prompts, image_metadata, config.rollout.batch_size)
+        rewards, _ = self.score(x0, image_prompts, image_metadata, config.rollout.batch_size)
         optimality = optimality_probabilities(
             rewards.score, image_group, adv_clip_max=config.nft.adv_clip_max, std_scope=config.nft.std_scope
         )
@@ -373,12 +378,9 @@ class Trainer:
                 batch_size=config.batch_size,
                 purpose="eval_noise",
             )
-        rewards = self.score(samples, prompt_list, metadata, config.batch_size)
+        rewards, images = self.score(samples, prompt_list, metadata, config.batch_size, keep_images=True)
         metrics = {"eval_reward_mean": float(rewards.score.mean())}
         metrics.update({f"eval_{key}": float(value.mean()) for key, value in rewards.extras.items()})
-        images = torch.cat(
-            [self.model.decode(samples[s : s + config.batch_size]) for s in range(0, len(samples), config.batch_size)]
-        )
         return metrics, images
 
 

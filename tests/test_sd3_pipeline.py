@@ -111,3 +111,18 @@ def test_eval_command_writes_metrics(tmp_path):
     metrics = json.loads((run / "eval" / "eval.json").read_text())
     assert metrics["iteration"] == 1 and metrics["eval_reward_mean"] > 0
     assert "eval_reward_jpeg_incompressibility" in metrics
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.kind=sd3-pixel", "model.preset=shapes-pixel"]])
+def test_codec_round_trip_shapes(overrides):
+    """encode_images maps images into the transformer's sample space, decode maps back to [0, 1]."""
+    from fastnft.trainer import Trainer
+
+    trainer = Trainer(tiny_config(overrides), progress=False)
+    images = torch.rand(2, 3, 32, 32)
+    samples = trainer.model.encode_images(images)
+    assert samples.shape == (2, *trainer.model.sample_shape)
+    decoded = trainer.model.decode(samples)
+    assert decoded.shape == images.shape and 0 <= decoded.min() and decoded.max() <= 1
+    if overrides:  # the pixel codec is the identity up to [-1, 1] scaling
+        assert torch.allclose(decoded, images, atol=1e-6)
