@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from fastnft.distributed import barrier, full_state_dict
+
 CHECKPOINT_DIR = "checkpoints"
 NAME = re.compile(r"^iteration_(\d{6})$")
 
@@ -80,18 +82,26 @@ def _training_state(trainer: Any) -> dict[str, Any]:
 
 
 def save_checkpoint(trainer: Any, run_dir: Path, keep_last: int) -> Path:
+    """Every rank writes its shards (one directory on a filesystem all ranks share); rank 0
+    renames it into place and prunes."""
+    world = trainer.world
     root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(trainer.iteration)
     temporary = root / f".tmp-{final.name}"
-    shutil.rmtree(temporary, ignore_errors=True)
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+    barrier(world)
     with _quiet_single_process():
         dcp.save(_training_state(trainer), checkpoint_id=str(temporary), no_dist=_single_process())
-    if final.exists():
-        shutil.rmtree(final)
-    temporary.rename(final)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
+    barrier(world)
+    if world.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        temporary.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    barrier(world)
     return final
 
 
@@ -111,16 +121,25 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
 
 
 def export_weights(trainer: Any, directory: Path) -> Path:
-    """Writes the EMA weights under directory: a LoRA in the layout the model family's diffusers
-    pipeline loads with `load_lora_weights`, or the full transformer via `save_pretrained`."""
+    """Writes the EMA weights under directory (rank 0): a LoRA in the layout the model family's
+    diffusers pipeline loads with `load_lora_weights`, or the full transformer as
+    `from_pretrained` loads it (gathered from the shards under FSDP2)."""
+    from huggingface_hub import save_torch_state_dict
     from peft.utils import get_peft_model_state_dict
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    is_main = trainer.world.is_main
     with trainer.policies.ema_weights() as module:
         if not trainer.config.lora.enabled:
-            module.save_pretrained(directory / "transformer")
+            state = full_state_dict(module, trainer.world)  # collective under FSDP2
+            if is_main:
+                module.save_config(directory / "transformer")
+                pattern = "diffusion_pytorch_model{suffix}.safetensors"
+                save_torch_state_dict(state, directory / "transformer", filename_pattern=pattern)
             return directory / "transformer"
+        if not is_main:
+            return directory
+        directory.mkdir(parents=True, exist_ok=True)
         lora = get_peft_model_state_dict(module, adapter_name="default")
         lora = {name: t.detach().float().contiguous().clone() for name, t in lora.items()}
         metadata = module.peft_config["default"].to_dict()

@@ -142,8 +142,10 @@ def command_sample(args: argparse.Namespace) -> int:
     prompts = _prompt_set(args.prompts)
     guidance = trainer.config.eval.guidance_scale if args.cfg is None else args.cfg
     out = args.out or run_dir / "samples" / "sample"
-    out.mkdir(parents=True, exist_ok=True)
     _, images = trainer.evaluate(prompts, guidance_scale=guidance)
+    if not trainer.world.is_main:
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         to_pil(image).save(out / f"{index:04d}.png")
     save_grid(images, prompts.prompts, out / "grid.png")
@@ -156,7 +158,9 @@ def command_eval(args: argparse.Namespace) -> int:
     prompt_file = args.prompts or trainer.config.prompts.eval
     if prompt_file is None:
         raise ConfigError("--prompts: the run has no prompts.eval; name a prompt file")
-    metrics, _ = trainer.evaluate(_prompt_set(prompt_file))
+    metrics, _ = trainer.evaluate(_prompt_set(prompt_file), keep=[])
+    if not trainer.world.is_main:
+        return 0
     out = args.out or run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"iteration": trainer.iteration, **metrics}, indent=2) + "\n")
@@ -177,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [item for item in unknown if item.startswith("-") or args.command != "train"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    from fastnft.distributed import close_world
+
     try:
         if args.command == "train":
             from fastnft.run import train
@@ -190,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"fastnft: error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    finally:
+        close_world()  # under torchrun
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class NFTConfig:
     loss_space: str = "x0"  # x0 (reference code) | velocity (paper)
     eps: float = 1e-5
     timestep_fraction: float = 0.99  # train on int(fraction * steps) grid timesteps per image
-    micro_batch_size: int = 9
+    micro_batch_size: int = 9  # per device; the recipe above is global
     std_scope: str = "global"  # global | group: the std that normalises advantages
     loss_backend: str = "auto"  # auto | triton | torch (fastnft_kernels.nft_loss)
 
@@ -149,7 +149,7 @@ class CompileConfig:
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    strategy: str = "ddp"  # ddp | fsdp2
+    strategy: str = "ddp"  # ddp | fsdp2 (full fine-tuning)
 
 
 @dataclass
@@ -457,6 +457,11 @@ def validate(config: Config, base: Path) -> None:
         config.optim.name != "adamw8bit-bnb" or config.dist.strategy != "fsdp2",
         "optim.name",
         "bitsandbytes' 8-bit AdamW rejects FSDP2-sharded (DTensor) parameters: use adamw8bit-torchao",
+    )
+    _require(
+        config.dist.strategy != "fsdp2" or not config.lora.enabled,
+        "dist.strategy",
+        "fsdp2 shards full fine-tuning (lora.enabled: false); LoRA trains with ddp",
     )
     _require(
         not config.optim.bf16_stochastic_round or config.optim.name == "adamw8bit-torchao",

@@ -79,7 +79,23 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
-def write_run_info(run_dir: Path, device: torch.device, argv: list[str]) -> None:
+class NullLog:
+    """The log of ranks other than 0: they compute every metric, rank 0 writes them."""
+
+    def truncate_after(self, iteration: int) -> None:
+        pass
+
+    def append(self, row: dict[str, Any]) -> None:
+        pass
+
+    def rows(self) -> list[dict[str, Any]]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def write_run_info(run_dir: Path, device: torch.device, argv: list[str], processes: int = 1) -> None:
     import diffusers
     import peft
     import transformers
@@ -100,6 +116,7 @@ def write_run_info(run_dir: Path, device: torch.device, argv: list[str]) -> None
         "peft": peft.__version__,
         "commit": git_commit(),
         "device": device_name(device),
+        "processes": processes,
         "host": platform.node(),
     }
     (Path(run_dir) / "run.json").write_text(json.dumps(info, indent=2) + "\n")

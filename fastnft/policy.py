@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from fastnft.config import LoraConfig
+from fastnft.distributed import shard_fsdp2, wrap_ddp
+from fastnft.models.adapter import repeated_blocks
 from fastnft.schedules import soft_update
 
 ROLES = ("trained", "old", "ref")
@@ -33,7 +35,15 @@ class Policies(ABC):
     transformer: nn.Module  # the trained policy's module
 
     def __init__(self) -> None:
+        self.grad_module = self.transformer  # what the gradient forward calls: a DDP wrapper under DDP
+        self._reset_ema()
+
+    def _reset_ema(self) -> None:
         self.ema = {name: p.detach().float().clone() for name, p in self.trained_parameters().items()}
+
+    @abstractmethod
+    def distribute(self, strategy: str, device: torch.device, compute_dtype: torch.dtype) -> None:
+        """Makes the policies data-parallel across the process group (dist.strategy)."""
 
     @abstractmethod
     def trained_parameters(self) -> dict[str, nn.Parameter]:
@@ -124,6 +134,14 @@ class LoraPolicies(Policies):
     def modules(self) -> list[nn.Module]:
         return [self.transformer]
 
+    def distribute(self, strategy: str, device: torch.device, compute_dtype: torch.dtype) -> None:
+        """DDP over the "default" adapter; the base and the "old" adapter are frozen, so DDP
+        never sees them."""
+        if strategy != "ddp":
+            raise ValueError(f"LoRA trains with ddp, not {strategy}")
+        self._activate("trained")
+        self.grad_module = wrap_ddp(self.transformer, device)
+
     def _activate(self, role: str) -> None:
         if role == self._active:
             return
@@ -169,6 +187,17 @@ class FullPolicies(Policies):
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.transformer, self.old, self.reference) if m is not None]
+
+    def distribute(self, strategy: str, device: torch.device, compute_dtype: torch.dtype) -> None:
+        """ddp: replicated copies, DDP over the trained one. fsdp2: every copy sharded per block
+        the same way, so the old-policy and EMA updates are shard-local."""
+        if strategy == "ddp":
+            self.grad_module = wrap_ddp(self.transformer, device)
+            return
+        for module in self.modules():
+            shard_fsdp2(module, repeated_blocks(module), compute_dtype)
+        self._old_by_name = dict(self.old.named_parameters())
+        self._reset_ema()
 
     @contextmanager
     def role(self, name: str) -> Iterator[nn.Module]:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from fastnft.checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastnft.config import Config, dump_yaml, to_dict
-from fastnft.metrics import MetricsLog, write_run_info
+from fastnft.distributed import any_rank, barrier
+from fastnft.metrics import MetricsLog, NullLog, write_run_info
 from fastnft.report import before_after, plot_curves, summary
 from fastnft.trainer import Trainer
 from fastnft.visual import save_grid
@@ -46,23 +47,27 @@ class StopRequest:
                 signal.signal(number, handler)
 
 
-def evaluate_and_log(trainer: Trainer, log: MetricsLog, run_dir: Path) -> dict[str, float]:
+def grid_indices(trainer: Trainer) -> list[int]:
+    """The evaluation images of the grids: the first image of up to 16 evaluation prompts."""
+    return [prompt * trainer.config.eval.images_per_prompt for prompt in range(min(16, len(trainer.eval_prompts)))]
+
+
+def evaluate_and_log(trainer: Trainer, log: MetricsLog | NullLog, run_dir: Path) -> dict[str, float]:
     if trainer.eval_prompts is None:
         return {}
-    metrics, images = trainer.evaluate(trainer.eval_prompts)
+    metrics, images = trainer.evaluate(trainer.eval_prompts, keep=grid_indices(trainer))
     log.append({"iteration": trainer.iteration, **metrics})
     save_eval_grid(trainer, images, run_dir / "samples" / f"eval_{trainer.iteration:06d}.png")
     return metrics
 
 
 def save_eval_grid(trainer: Trainer, images, path: Path) -> None:
-    """The first image of up to 16 evaluation prompts, with their prompts."""
-    repeats = trainer.config.eval.images_per_prompt
-    count = min(16, len(trainer.eval_prompts))
-    save_grid(images[::repeats][:count], trainer.eval_prompts.prompts[:count], path)
+    """Rank 0 draws the grid images with their prompts."""
+    if trainer.world.is_main:
+        save_grid(images, trainer.eval_prompts.prompts[: len(images)], path)
 
 
-def evaluate_with_guidance(trainer: Trainer, log: MetricsLog, run_dir: Path) -> dict[str, float]:
+def evaluate_with_guidance(trainer: Trainer, log: MetricsLog | NullLog, run_dir: Path) -> dict[str, float]:
     """The untrained model with each CFG scale: eval_<key>_cfg_<scale>, and eval_<key>_cfg the best
     over the scales. These rows never carry the CFG-free keys."""
     scales = trainer.config.eval.cfg_scales
@@ -70,7 +75,7 @@ def evaluate_with_guidance(trainer: Trainer, log: MetricsLog, run_dir: Path) -> 
         return {}
     row: dict[str, float] = {}
     for scale in scales:
-        metrics, images = trainer.evaluate(trainer.eval_prompts, guidance_scale=scale)
+        metrics, images = trainer.evaluate(trainer.eval_prompts, guidance_scale=scale, keep=grid_indices(trainer))
         row.update({f"{key}_cfg_{scale:g}": value for key, value in metrics.items()})
         save_eval_grid(trainer, images, run_dir / "samples" / f"eval_{trainer.iteration:06d}_cfg_{scale:g}.png")
         for key, value in metrics.items():
@@ -80,20 +85,27 @@ def evaluate_with_guidance(trainer: Trainer, log: MetricsLog, run_dir: Path) -> 
 
 
 def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str] = ()) -> Trainer:
-    """Trains until config.iterations (the total target) or a stop request."""
+    """Trains until config.iterations (the total target) or a stop request. Under torchrun every
+    rank runs this; rank 0 alone writes the records, grids and exports."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config)
-    wandb_config = to_dict(config) if config.logging.wandb else None
-    log = MetricsLog(run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config)
+    main = trainer.world.is_main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(trainer.world)
+    log: MetricsLog | NullLog = NullLog()
+    if main:
+        wandb_config = to_dict(config) if config.logging.wandb else None
+        log = MetricsLog(run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config)
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is not None:
             load_checkpoint(trainer, checkpoint)
-            print(f"resumed from {checkpoint} at iteration {trainer.iteration}", flush=True)
+            say(trainer, f"resumed from {checkpoint} at iteration {trainer.iteration}")
         log.truncate_after(trainer.iteration)
-    (run_dir / "config.yaml").write_text(dump_yaml(config))
-    write_run_info(run_dir, trainer.device, list(argv))
+    if main:
+        (run_dir / "config.yaml").write_text(dump_yaml(config))
+        write_run_info(run_dir, trainer.device, list(argv), processes=trainer.world.size)
 
     started = time.perf_counter()
     last_checkpoint = trainer.iteration if resume else None
@@ -103,12 +115,13 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str
             if trainer.iteration == 0 and config.eval.at_start:
                 evaluate_and_log(trainer, log, run_dir)
                 evaluate_with_guidance(trainer, log, run_dir)
-            while trainer.iteration < config.iterations and not stop:
+            while trainer.iteration < config.iterations and not any_rank(trainer.world, bool(stop)):
                 row = trainer.run_iteration()
                 log.append(row)
-                print(_summary(row, config.iterations), flush=True)
+                say(trainer, _summary(row, config.iterations))
                 iteration = trainer.iteration
-                if config.logging.sample_grid_every and iteration % config.logging.sample_grid_every == 0:
+                grid_due = config.logging.sample_grid_every and iteration % config.logging.sample_grid_every == 0
+                if main and grid_due:
                     samples, prompts = trainer.last_rollout
                     save_grid(
                         trainer.model.decode(samples), prompts, run_dir / "samples" / f"rollout_{iteration:06d}.png"
@@ -119,20 +132,27 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str
                 if config.checkpoint.every and iteration % config.checkpoint.every == 0:
                     save_checkpoint(trainer, run_dir, config.checkpoint.keep_last)
                     last_checkpoint = iteration
-        write_report(trainer, log.rows(), run_dir, time.perf_counter() - started)
+        if main:
+            write_report(trainer, log.rows(), run_dir, time.perf_counter() - started)
     finally:
         # After a crash mid-iteration the state is half-updated: keep the last checkpoint instead.
         if last_checkpoint != trainer.iteration and not trainer.in_iteration:
             path = save_checkpoint(trainer, run_dir, config.checkpoint.keep_last)
-            print(f"checkpoint: {path}", flush=True)
+            say(trainer, f"checkpoint: {path}")
         export_weights(trainer, run_dir / "export")
         log.close()
-    print(
+    say(
+        trainer,
         f"stopped at iteration {trainer.iteration} after {time.perf_counter() - started:.1f} s"
         + (f" ({stop.reason})" if stop else ""),
-        flush=True,
     )
     return trainer
+
+
+def say(trainer: Trainer, message: str) -> None:
+    """Progress lines come from rank 0 only."""
+    if trainer.world.is_main:
+        print(message, flush=True)
 
 
 def write_report(trainer: Trainer, rows: list[dict], run_dir: Path, wall_seconds: float) -> None:

@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from fastnft.config import CompileConfig, ConfigError
+from fastnft.models.adapter import repeated_blocks
 
 SDPA_BACKENDS = {
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -74,9 +75,10 @@ def apply_compile(transformer: nn.Module, config: CompileConfig) -> int:
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = config.recompile_limit
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8 * config.recompile_limit)
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None:
-        raise ConfigError("compile.enabled: the transformer has no transformer_blocks to compile")
+    try:
+        blocks = repeated_blocks(transformer)
+    except ValueError as error:
+        raise ConfigError(f"compile.enabled: {error} to compile") from None
     for block in blocks:
         block.compile(backend=config.backend, mode=config.mode)
     return len(blocks)

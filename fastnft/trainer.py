@@ -21,6 +21,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastnft.config import Config, ConfigError
+from fastnft.distributed import (
+    World,
+    check_recipe,
+    even_shard,
+    gather_rows,
+    gradient_sync,
+    image_shard,
+    init_world,
+    mean_over_ranks,
+)
 from fastnft.models import ModelAdapter, TextEmbedding, build_model
 from fastnft.models.presets import seeded
 from fastnft.optimality import optimality_probabilities
@@ -35,12 +45,13 @@ from fastnft.speed import apply_attention, apply_compile
 from fastnft_kernels import nft_loss
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, world: World) -> torch.device:
+    """The device of this process: under torchrun, the GPU of its local rank."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but no CUDA device is available")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", world.local_rank if world.size > 1 else torch.cuda.current_device())
 
 
 def weight_dtype_for(config: Config, device: torch.device) -> torch.dtype:
@@ -53,8 +64,10 @@ def weight_dtype_for(config: Config, device: torch.device) -> torch.dtype:
 class Trainer:
     def __init__(self, config: Config, *, progress: bool | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        self.progress = config.logging.progress if progress is None else progress
+        self.world = init_world(config)
+        check_recipe(config, self.world)
+        self.device = resolve_device(config.device, self.world)
+        self.progress = (config.logging.progress if progress is None else progress) and self.world.is_main
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
         weight_dtype = weight_dtype_for(config, self.device)
@@ -66,6 +79,8 @@ class Trainer:
             self.model.transformer.enable_gradient_checkpointing()
         with seeded(config.seed):  # LoRA's gaussian init draws from the global generator
             self.policies: Policies = self._build_policies(weight_dtype)
+        if self.world.size > 1:
+            self.policies.distribute(config.dist.strategy, self.device, weight_dtype)
         self.compiled_blocks = 0
         if config.compile.enabled:
             self.compiled_blocks = sum(apply_compile(module, config.compile) for module in self.policies.modules())
@@ -76,6 +91,8 @@ class Trainer:
         self.rewards = WeightedRewards([(r.name, r.weight, r.options) for r in config.rewards])
         self.train_prompts = PromptSet.load(config.prompts.train)
         self.eval_prompts = PromptSet.load(config.prompts.eval) if config.prompts.eval else None
+        images = config.rollout.groups * config.rollout.group_size
+        self.image_indices = image_shard(images, config.optim.steps_per_iteration, self.world)  # this rank's
         self.grid = timestep_grid(config.rollout.steps, config.rollout.shift)
         self.eval_grid = timestep_grid(config.eval.steps, config.rollout.shift)
         self.iteration = 0  # completed iterations
@@ -140,6 +157,7 @@ class Trainer:
         module: nn.Module,
         text: TextEmbedding,
         *,
+        indices: list[int],
         seed: int,
         iteration: int,
         sampler: str,
@@ -149,18 +167,19 @@ class Trainer:
         purpose: str,
     ) -> Tensor:
         """Clean samples [len(text), *sample_shape], one per row of text, with noise keyed by
-        (seed, iteration, image index, purpose)."""
+        (seed, iteration, global image index indices[row], purpose)."""
         shape = self.model.sample_shape
         samples = []
         with torch.no_grad(), self._bar(len(text), f"rollout {iteration}") as bar:
             for start in range(0, len(text), batch_size):
-                indices = list(range(start, min(start + batch_size, len(text))))
-                noise = keyed_randn(shape, seed, iteration, indices, purpose, device=self.device)
+                rows = list(range(start, min(start + batch_size, len(text))))
+                batch = [indices[row] for row in rows]
+                noise = keyed_randn(shape, seed, iteration, batch, purpose, device=self.device)
 
-                def step_noise(step: int, indices=indices) -> Tensor:
-                    return keyed_randn(shape, seed, iteration, indices, "sde_noise", step, device=self.device)
+                def step_noise(step: int, batch=batch) -> Tensor:
+                    return keyed_randn(shape, seed, iteration, batch, "sde_noise", step, device=self.device)
 
-                velocity = self.velocity_fn(module, text.index(indices), guidance_scale)
+                velocity = self.velocity_fn(module, text.index(rows), guidance_scale)
                 samples.append(
                     sample(
                         sampler,
@@ -171,7 +190,7 @@ class Trainer:
                         step_noise=step_noise,
                     )
                 )
-                bar.update(len(indices))
+                bar.update(len(rows))
         return torch.cat(samples)
 
     def score(self, samples: Tensor, prompts: list[str], metadata: list[dict], batch_size: int,
@@ -189,6 +208,13 @@ class Trainer:
         rewards = RewardOutput(torch.cat([o.score for o in outputs]), extras)
         return rewards, torch.cat(kept) if keep_images else None
 
+    def gather_rewards(self, local: RewardOutput, indices: list[int], count: int) -> RewardOutput:
+        """Every rank's scores (and extras) in global image order, on every rank."""
+        rows = gather_rows(
+            self.world, {"score": local.score, **{f"extra.{k}": v for k, v in local.extras.items()}}, indices, count
+        )
+        return RewardOutput(rows.pop("score"), {key.removeprefix("extra."): value for key, value in rows.items()})
+
     def run_iteration(self) -> dict[str, Any]:
         """Runs iteration self.iteration (0-based) and returns its metrics row."""
         config = self.config
@@ -200,8 +226,10 @@ class Trainer:
         metadata = [self.train_prompts.metadata[i] for i in chosen]
         text = self.model.encode_text(prompts)  # once per prompt, reused by its K images and training
         group_size = config.rollout.group_size
-        image_group = torch.arange(len(prompts)).repeat_interleave(group_size)
-        image_text = text.index(image_group.to(text.sequence.device))
+        image_group = torch.arange(len(prompts)).repeat_interleave(group_size)  # of every image of the iteration
+        mine = self.image_indices
+        my_groups = image_group[mine]
+        image_text = text.index(my_groups.to(text.sequence.device))
 
         with self.policies.role("old") as old:
             x0 = self.rollout(
@@ -210,6 +238,7 @@ class Trainer:
                 seed=config.seed,
                 iteration=iteration,
                 sampler=config.rollout.sampler,
+                indices=mine,
                 grid=self.grid,
                 guidance_scale=config.rollout.guidance_scale,
                 batch_size=config.rollout.batch_size,
@@ -217,16 +246,19 @@ class Trainer:
             )
         rolled_out = time.perf_counter()
 
-        image_prompts = [prompts[g] for g in image_group.tolist()]
-        image_metadata = [metadata[g] for g in image_group.tolist()]
-        rewards, _ = self.score(x0, image_prompts, image_metadata, config.rollout.batch_size)
+        image_prompts = [prompts[g] for g in my_groups.tolist()]
+        image_metadata = [metadata[g] for g in my_groups.tolist()]
+        local, _ = self.score(x0, image_prompts, image_metadata, config.rollout.batch_size)
+        # A prompt's K images may live on several ranks: the group statistics need all of them.
+        rewards = self.gather_rewards(local, mine, len(image_group))
         optimality = optimality_probabilities(
             rewards.score, image_group, adv_clip_max=config.nft.adv_clip_max, std_scope=config.nft.std_scope
         )
         scored = time.perf_counter()
 
         self.last_rollout = (x0[:16], image_prompts[:16])  # for sample grids
-        train_metrics = self.train(x0, image_text, optimality.probability.to(self.device), iteration)
+        probability = optimality.probability[mine].to(self.device)
+        train_metrics = self.train(x0, image_text, probability, iteration, mine)
         eta = old_policy_eta(config.old_policy.schedule, self.optimizer_steps)
         self.policies.update_old_policy(eta)
         self.iteration += 1
@@ -249,13 +281,17 @@ class Trainer:
                 "time_rollout": rolled_out - started,
                 "time_reward": scored - rolled_out,
                 "time_train": finished - scored,
-                "images_per_sec": len(x0) / (finished - started),
+                "images_per_sec": len(image_group) / (finished - started),
             }
         )
         return row
 
-    def train(self, x0: Tensor, text: TextEmbedding, probability: Tensor, iteration: int) -> dict[str, float]:
-        """The NFT update on clean samples: one or more optimizer steps, EMA after each."""
+    def train(
+        self, x0: Tensor, text: TextEmbedding, probability: Tensor, iteration: int, indices: list[int]
+    ) -> dict[str, float]:
+        """The NFT update on this rank's clean samples (global image indices `indices`): one or more
+        optimizer steps, EMA after each. Gradients accumulate locally and synchronise across
+        ranks on the last (micro-batch, timestep) pair of each optimizer step."""
         config = self.config
         nft = config.nft
         steps = config.rollout.steps
@@ -266,7 +302,7 @@ class Trainer:
                 torch.randperm(steps, generator=generator(config.seed, iteration, index, "timestep_subset"))[
                     :trained_times
                 ]
-                for index in range(count)
+                for index in indices
             ]
         )
         micro_batches = [list(range(s, s + nft.micro_batch_size)) for s in range(0, count, nft.micro_batch_size)]
@@ -276,19 +312,22 @@ class Trainer:
         grad_norms = []
         shape = self.model.sample_shape
         with self._bar(len(micro_batches) * trained_times, f"train {iteration}") as bar:
-            for number, indices in enumerate(micro_batches):
-                rows = torch.tensor(indices, device=self.device)
+            for number, positions in enumerate(micro_batches):
+                rows = torch.tensor(positions, device=self.device)
                 clean = x0[rows]
                 cond = text.index(rows)
                 r = probability[rows]
+                image_ids = [indices[p] for p in positions]
                 for slot in range(trained_times):
-                    t = self.grid[subsets[indices, slot]].to(self.device)
+                    t = self.grid[subsets[positions, slot]].to(self.device)
                     noise = keyed_randn(
-                        shape, config.seed, iteration, indices, "training_noise", slot, device=self.device
+                        shape, config.seed, iteration, image_ids, "training_noise", slot, device=self.device
                     )
-                    out = self.nft_step(clean, noise, t, r, cond)
-                    loss = out.loss / pairs_per_step
-                    (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
+                    syncs = (number + 1) % per_step == 0 and slot == trained_times - 1
+                    with gradient_sync(self.policies.grad_module, syncs):
+                        out = self.nft_step(clean, noise, t, r, cond)
+                        loss = out.loss / pairs_per_step
+                        (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
                     sums["loss"] += float(out.loss.detach())
                     for key in ("positive_loss", "negative_loss", "kl", "old_deviation", "x0_norm"):
                         sums[key] += float(getattr(out, key).mean())
@@ -296,7 +335,7 @@ class Trainer:
                 if (number + 1) % per_step == 0:
                     grad_norms.append(self.optimizer_step())
         pairs = len(micro_batches) * trained_times
-        metrics = {key: value / pairs for key, value in sums.items()}
+        metrics = mean_over_ranks(self.world, {key: value / pairs for key, value in sums.items()})
         if nft.kl_coef == 0:
             metrics["kl"] = None
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
@@ -315,8 +354,8 @@ class Trainer:
             if nft.kl_coef > 0:
                 with self.policies.role("ref") as ref:
                     v_ref = self.velocity_fn(ref, text, 1.0)(x_t, t)
-        with self.policies.role("trained") as trained:
-            v_theta = self.velocity_fn(trained, text, 1.0)(x_t, t)
+        with self.policies.role("trained"):
+            v_theta = self.velocity_fn(self.policies.grad_module, text, 1.0)(x_t, t)
         return nft_loss(
             v_theta,
             v_old,
@@ -340,6 +379,7 @@ class Trainer:
             self.grad_scaler.unscale_(self.optimizer)
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
@@ -354,22 +394,32 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
 
     def evaluate(
-        self, prompts: PromptSet, *, guidance_scale: float | None = None, use_ema: bool = True
+        self,
+        prompts: PromptSet,
+        *,
+        guidance_scale: float | None = None,
+        use_ema: bool = True,
+        keep: list[int] | None = None,
     ) -> tuple[dict[str, float], Tensor]:
-        """Held-out prompts with fixed seeds (eval.images_per_prompt images each, prompt-major):
-        mean reward, per-reward means and every extra's mean (e.g. eval_accuracy). Returns
-        (metrics, images)."""
+        """Held-out prompts with fixed seeds (eval.images_per_prompt images each, prompt-major),
+        split across ranks: mean reward, per-reward means and every extra's mean (e.g.
+        eval_accuracy). Returns (metrics, images): the images of global indices `keep` (all when
+        None), on every rank."""
         config = self.config.eval
         guidance = config.guidance_scale if guidance_scale is None else guidance_scale
         context = self.policies.ema_weights() if use_ema and self.config.ema.enabled else self.policies.role("trained")
         repeats = config.images_per_prompt
-        text = self.model.encode_text(prompts.prompts).repeat_interleave(repeats)
-        prompt_list = [p for p in prompts.prompts for _ in range(repeats)]
-        metadata = [m for m in prompts.metadata for _ in range(repeats)]
+        count = len(prompts) * repeats
+        indices, real = even_shard(count, self.world)
+        prompt_rows = [index // repeats for index in indices]
+        text = self.model.encode_text(prompts.prompts).index(torch.tensor(prompt_rows, device=self.device))
+        prompt_list = [prompts.prompts[row] for row in prompt_rows]
+        metadata = [prompts.metadata[row] for row in prompt_rows]
         with context as module:
             samples = self.rollout(
                 module,
                 text,
+                indices=indices,
                 seed=config.seed,
                 iteration=0,
                 sampler=config.sampler,
@@ -378,7 +428,16 @@ class Trainer:
                 batch_size=config.batch_size,
                 purpose="eval_noise",
             )
-        rewards, images = self.score(samples, prompt_list, metadata, config.batch_size, keep_images=True)
+        local, images = self.score(samples, prompt_list, metadata, config.batch_size, keep_images=True)
+        rewards = self.gather_rewards(
+            RewardOutput(local.score[:real], {k: v[:real] for k, v in local.extras.items()}), indices[:real], count
+        )
+        wanted = list(range(count)) if keep is None else keep
+        position = {index: slot for slot, index in enumerate(wanted)}
+        mine = [(row, position[index]) for row, index in enumerate(indices[:real]) if index in position]
+        images = gather_rows(
+            self.world, {"image": images[[row for row, _ in mine]]}, [slot for _, slot in mine], len(wanted)
+        )["image"]
         metrics = {"eval_reward_mean": float(rewards.score.mean())}
         metrics.update({f"eval_{key}": float(value.mean()) for key, value in rewards.extras.items()})
         return metrics, images

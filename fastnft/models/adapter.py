@@ -32,6 +32,17 @@ class TextEmbedding:
         return TextEmbedding(torch.cat([p.sequence for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
+def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The transformer's repeated blocks (the unit of regional compile and of FSDP2 sharding)."""
+    blocks = [
+        *getattr(transformer, "transformer_blocks", []),
+        *getattr(transformer, "single_transformer_blocks", []),  # FLUX-style models
+    ]
+    if not blocks:
+        raise ValueError(f"{type(transformer).__name__} has no transformer_blocks")
+    return blocks
+
+
 class ModelAdapter(ABC):
     """A text-to-image flow-matching model as the trainer sees it.
 
@@ -71,7 +82,7 @@ class ModelAdapter(ABC):
         """v(x, t) of `transformer` (the trained, old or reference policy); t [B] in [0, 1].
         The diffusers SD3 family takes timestep = t * 1000 (a float: fastnft never truncates it).
         Inputs are cast to the module's weight dtype (bf16 base weights, fp32 full fine-tuning)."""
-        dtype = transformer.dtype
+        dtype = getattr(transformer, "module", transformer).dtype  # a DDP wrapper holds the model in .module
         return transformer(
             hidden_states=x.to(dtype),
             timestep=t * 1000.0,

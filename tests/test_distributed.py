@@ -1,0 +1,153 @@
+"""More than one process (gloo on CPU, launched by torchrun as users do): the same global recipe
+trains the same weights on 1 and 2 ranks, FSDP2 checkpoints resume, and checkpoints move between
+process counts."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from fastnft.cli import main
+from fastnft.config import ConfigError, load_config
+from fastnft.distributed import World, check_recipe, even_shard, gather_rows, image_shard
+from tests.helpers import TINY_CONFIG, tiny_config
+
+QUIET = ["logging.progress=false", "logging.tensorboard=false"]
+FULL_FSDP2 = ["lora.enabled=false", "dist.strategy=fsdp2"]
+
+
+def torchrun(arguments: list[str], processes: int = 2) -> None:
+    """`torchrun --nproc_per_node=N -m fastnft train ...` in a subprocess."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, "-m", "fastnft", "train", *arguments], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def checkpoint(run_dir: Path, iteration: int, scratch: Path) -> dict:
+    """A DCP checkpoint read back as plain tensors, whatever the number of ranks that wrote it."""
+    target = scratch / f"{run_dir.name}_{iteration}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"iteration_{iteration:06d}", target)
+    return torch.load(target, weights_only=False)
+
+
+def training_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "loss" in row]
+
+
+def assert_same_training_state(first: dict, second: dict) -> None:
+    for group in ("trained", "old", "ema"):
+        assert first[group].keys() == second[group].keys()
+        for name, value in first[group].items():
+            torch.testing.assert_close(value, second[group][name], rtol=1e-4, atol=1e-6, msg=f"{group}/{name}")
+    assert first["meta"]["iteration"] == second["meta"]["iteration"]
+    assert first["meta"]["optimizer_steps"] == second["meta"]["optimizer_steps"]
+
+
+def assert_weights_moved(state_before: dict, state_after: dict) -> None:
+    moved = sum(not torch.equal(state_before["trained"][n], v) for n, v in state_after["trained"].items())
+    assert moved > 0
+
+
+def resume_copy(run_dir: Path, target: Path, iteration: int) -> Path:
+    """A copy of a finished run cut back to its checkpoint at `iteration`."""
+    shutil.copytree(run_dir, target)
+    for path in (target / "checkpoints").iterdir():
+        if int(path.name.split("_")[1]) > iteration:
+            shutil.rmtree(path)
+    shutil.rmtree(target / "export")
+    return target
+
+
+# ---------------------------------------------------------------- the recipe split
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_every_optimizer_step_sees_the_same_images_on_any_number_of_ranks(processes, steps):
+    images = 48
+    shards = [image_shard(images, steps, World(rank, processes)) for rank in range(processes)]
+    assert sorted(i for shard in shards for i in shard) == list(range(images))
+    per_step = images // steps
+    for step in range(steps):
+        seen = {i for shard in shards for i in shard[step * per_step // processes : (step + 1) * per_step // processes]}
+        assert seen == set(range(step * per_step, (step + 1) * per_step))
+
+
+def test_even_shards_pad_so_every_rank_runs_the_same_work():
+    shards = [even_shard(5, World(rank, 2)) for rank in range(2)]
+    assert shards == [([0, 1, 2], 3), ([3, 4, 0], 2)]
+    assert even_shard(1, World(1, 2)) == ([0], 0)
+
+
+def test_gather_rows_puts_rows_in_global_order():
+    rows = gather_rows(World(), {"score": torch.tensor([1.0, 2.0, 3.0])}, [2, 0, 1], 3)
+    assert rows["score"].tolist() == [2.0, 3.0, 1.0]
+
+
+def test_a_recipe_that_does_not_split_names_its_fields():
+    config = tiny_config()  # 2 prompts x K 4 = 8 images, micro-batch 4
+    check_recipe(config, World(0, 2))
+    with pytest.raises(ConfigError, match=r"rollout.groups \* rollout.group_size.*3 processes.*nft.micro_batch_size"):
+        check_recipe(config, World(0, 3))
+
+
+def test_fsdp2_with_lora_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"dist.strategy: fsdp2 shards full fine-tuning"):
+        load_config(TINY_CONFIG, ["dist.strategy=fsdp2"])
+
+
+# ---------------------------------------------------------------- real launches
+
+
+def test_two_ranks_train_what_one_rank_trains_and_resume_on_one(tmp_path):
+    """configs/tiny.yaml unchanged (LoRA, DDP) on 2 processes and on 1; then the 2-rank
+    checkpoint of iteration 1 resumes on 1 process and reaches the 2-rank end state."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun([str(TINY_CONFIG), "--out", str(two), *QUIET])
+    assert main(["train", str(TINY_CONFIG), "--out", str(one), *QUIET]) == 0
+    assert json.loads((two / "run.json").read_text())["processes"] == 2
+
+    end_two, end_one = checkpoint(two, 2, tmp_path), checkpoint(one, 2, tmp_path)
+    assert_same_training_state(end_two, end_one)
+    assert_weights_moved(checkpoint(two, 1, tmp_path), end_two)
+    for row_two, row_one in zip(training_rows(two), training_rows(one), strict=True):
+        for key in ("reward_mean", "reward_std", "zero_std_ratio", "loss", "grad_norm"):
+            assert row_two[key] == pytest.approx(row_one[key], rel=1e-4), key
+    assert (two / "export" / "pytorch_lora_weights.safetensors").is_file()
+
+    resumed = resume_copy(two, tmp_path / "resumed", iteration=1)
+    assert main(["train", "--resume", str(resumed)]) == 0
+    assert_same_training_state(checkpoint(resumed, 2, tmp_path), end_two)
+    assert training_rows(resumed)[-1]["loss"] == pytest.approx(training_rows(two)[-1]["loss"], rel=1e-4)
+
+
+def test_fsdp2_full_fine_tuning_matches_one_rank_and_resumes(tmp_path):
+    """Full fine-tuning sharded with FSDP2 on 2 processes: same weights as 1 unsharded process;
+    its iteration-1 checkpoint resumes on 2 ranks and on 1 to the uninterrupted iteration 2."""
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    torchrun([str(TINY_CONFIG), "--out", str(sharded), *QUIET, *FULL_FSDP2])
+    assert main(["train", str(TINY_CONFIG), "--out", str(single), *QUIET, *FULL_FSDP2]) == 0
+    end = checkpoint(sharded, 2, tmp_path)
+    assert_same_training_state(end, checkpoint(single, 2, tmp_path))
+    assert_weights_moved(checkpoint(sharded, 1, tmp_path), end)
+    exported = sharded / "export" / "transformer"
+    assert (exported / "config.json").is_file() and (exported / "diffusion_pytorch_model.safetensors").is_file()
+
+    uninterrupted = training_rows(sharded)[-1]["loss"]
+    on_two = resume_copy(sharded, tmp_path / "on_two", iteration=1)
+    torchrun(["--resume", str(on_two)])
+    on_one = resume_copy(sharded, tmp_path / "on_one", iteration=1)
+    assert main(["train", "--resume", str(on_one)]) == 0
+    for resumed in (on_two, on_one):
+        assert training_rows(resumed)[-1]["loss"] == pytest.approx(uninterrupted, rel=1e-4)
+        assert_same_training_state(checkpoint(resumed, 2, tmp_path), end)
