@@ -47,6 +47,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     attention: str = "sdpa"  # sdpa | sdpa-cudnn | sdpa-flash | sdpa-efficient | sdpa-math | flash-attn
     init_lora: str | None = None  # warm start from a LoRA safetensors file (not a resume)
+    cache_text: bool = False  # encode every train/eval prompt once at start, keep the embeddings in host memory
+    offload_text_encoders: bool = False  # with cache_text: move the text encoders off the GPU after caching
 
 
 @dataclass
@@ -457,6 +459,11 @@ def validate(config: Config, base: Path) -> None:
         config.optim.name != "adamw8bit-bnb" or config.dist.strategy != "fsdp2",
         "optim.name",
         "bitsandbytes' 8-bit AdamW rejects FSDP2-sharded (DTensor) parameters: use adamw8bit-torchao",
+    )
+    _require(
+        config.model.cache_text or not config.model.offload_text_encoders,
+        "model.offload_text_encoders",
+        "needs model.cache_text: true (the encoders are offloaded once every prompt is cached)",
     )
     _require(
         config.dist.strategy != "fsdp2" or not config.lora.enabled,

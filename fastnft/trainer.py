@@ -42,6 +42,7 @@ from fastnft.rng import generator, keyed_randn
 from fastnft.sampling import sample, timestep_grid
 from fastnft.schedules import ema_decay, old_policy_eta
 from fastnft.speed import apply_attention, apply_compile
+from fastnft.text_cache import PromptEmbeddings
 from fastnft_kernels import nft_loss
 
 
@@ -91,6 +92,7 @@ class Trainer:
         self.rewards = WeightedRewards([(r.name, r.weight, r.options) for r in config.rewards])
         self.train_prompts = PromptSet.load(config.prompts.train)
         self.eval_prompts = PromptSet.load(config.prompts.eval) if config.prompts.eval else None
+        self.prompt_embeddings = self._cache_prompt_embeddings() if config.model.cache_text else None
         images = config.rollout.groups * config.rollout.group_size
         self.image_indices = image_shard(images, config.optim.steps_per_iteration, self.world)  # this rank's
         self.grid = timestep_grid(config.rollout.steps, config.rollout.shift)
@@ -100,6 +102,23 @@ class Trainer:
         self.in_iteration = False  # true while an iteration is half done (its state is inconsistent)
         self.last_rollout: tuple[Tensor, list[str]] | None = None
         self._empty_text: TextEmbedding | None = None
+
+    def _cache_prompt_embeddings(self) -> PromptEmbeddings:
+        prompts = [*self.train_prompts.prompts, *(self.eval_prompts.prompts if self.eval_prompts else []), ""]
+        cache = PromptEmbeddings(
+            self.model.encode_text, prompts, batch_size=self.config.rollout.batch_size, device=self.device
+        )
+        if self.config.model.offload_text_encoders:
+            for encoder in self.model.text_encoders().values():
+                encoder.to("cpu")
+            cache.encoders_available = False
+        return cache
+
+    def encode_text(self, prompts: list[str]) -> TextEmbedding:
+        """Conditioning for prompts: from the cache (model.cache_text) or the text encoders."""
+        if self.prompt_embeddings is not None:
+            return self.prompt_embeddings(prompts)
+        return self.model.encode_text(prompts)
 
     def _build_policies(self, weight_dtype: torch.dtype) -> Policies:
         config = self.config
@@ -144,7 +163,7 @@ class Trainer:
 
     def empty_text(self) -> TextEmbedding:
         if self._empty_text is None:
-            self._empty_text = self.model.encode_text([""])
+            self._empty_text = self.encode_text([""])
         return self._empty_text
 
     def _bar(self, total: int, description: str):
@@ -224,7 +243,7 @@ class Trainer:
         chosen = prompt_indices(len(self.train_prompts), iteration, config.rollout.groups, config.seed)
         prompts = [self.train_prompts.prompts[i] for i in chosen]
         metadata = [self.train_prompts.metadata[i] for i in chosen]
-        text = self.model.encode_text(prompts)  # once per prompt, reused by its K images and training
+        text = self.encode_text(prompts)  # once per prompt, reused by its K images and training
         group_size = config.rollout.group_size
         image_group = torch.arange(len(prompts)).repeat_interleave(group_size)  # of every image of the iteration
         mine = self.image_indices
@@ -412,7 +431,7 @@ class Trainer:
         count = len(prompts) * repeats
         indices, real = even_shard(count, self.world)
         prompt_rows = [index // repeats for index in indices]
-        text = self.model.encode_text(prompts.prompts).index(torch.tensor(prompt_rows, device=self.device))
+        text = self.encode_text(prompts.prompts).index(torch.tensor(prompt_rows, device=self.device))
         prompt_list = [prompts.prompts[row] for row in prompt_rows]
         metadata = [prompts.metadata[row] for row in prompt_rows]
         with context as module:

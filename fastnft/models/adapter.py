@@ -31,6 +31,14 @@ class TextEmbedding:
     def cat(parts: list[TextEmbedding]) -> TextEmbedding:
         return TextEmbedding(torch.cat([p.sequence for p in parts]), torch.cat([p.pooled for p in parts]))
 
+    def to(self, device: torch.device, non_blocking: bool = False) -> TextEmbedding:
+        return TextEmbedding(
+            self.sequence.to(device, non_blocking=non_blocking), self.pooled.to(device, non_blocking=non_blocking)
+        )
+
+    def pin_memory(self) -> TextEmbedding:
+        return TextEmbedding(self.sequence.pin_memory(), self.pooled.pin_memory())
+
 
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
     """The transformer's repeated blocks (the unit of regional compile and of FSDP2 sharding)."""
@@ -72,6 +80,10 @@ class ModelAdapter(ABC):
     @abstractmethod
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Every frozen module (text encoders, codec), by component name."""
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """The frozen modules that encode text (named text_encoder*, as diffusers pipelines do)."""
+        return {name: module for name, module in self.frozen_modules().items() if name.startswith("text_encoder")}
 
     @abstractmethod
     def save_lora(self, directory: Path, lora: dict[str, Tensor], metadata: dict) -> Path:
