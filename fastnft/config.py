@@ -43,12 +43,13 @@ class ModelConfig:
     resolution: int = 512
     clip_max_length: int = 77
     t5_max_length: int = 128
-    precision: str = "bf16"  # frozen-weight dtype on GPU: bf16 | fp32 | reference (fp32 + fp16 autocast)
+    precision: str = "bf16"  # frozen weights: bf16 | fp32 | reference (fp32, + fp16 autocast on GPU)
     gradient_checkpointing: bool = False
     attention: str = "sdpa"  # sdpa | sdpa-cudnn | sdpa-flash | sdpa-efficient | sdpa-math | flash-attn
     init_lora: str | None = None  # warm start from a LoRA safetensors file (not a resume)
-    cache_text: bool = False  # encode every train/eval prompt once at start, keep the embeddings in host memory
-    offload_text_encoders: bool = False  # with cache_text: move the text encoders off the GPU after caching
+    text_encoding: str = "per_prompt"  # per_image (reference code) | per_prompt (once per iteration) | cached
+    offload_text_encoders: bool = False  # with text_encoding cached: text encoders leave the GPU after caching
+    vae_channels_last: bool = False  # the VAE in channels_last memory format
 
 
 @dataclass
@@ -88,7 +89,7 @@ class NFTConfig:
     timestep_fraction: float = 0.99  # train on int(fraction * steps) grid timesteps per image
     micro_batch_size: int = 9  # per device; the recipe above is global
     std_scope: str = "global"  # global | group: the std that normalises advantages
-    loss_backend: str = "auto"  # auto | triton | torch (fastnft_kernels.nft_loss)
+    loss_backend: str = "auto"  # auto | triton | torch (fastnft_kernels.nft_loss) | reference (torch, fp64 weights)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     steps_per_iteration: int = 1
     bf16_stochastic_round: bool = False  # torchao only
+    fused: bool = False  # torch AdamW's fused implementation (adamw only)
 
 
 @dataclass
@@ -319,13 +321,14 @@ def dump_yaml(config: Config) -> str:
 CHOICES = {
     "model.kind": ("sd3", "sd3-pixel"),
     "model.precision": ("bf16", "fp32", "reference"),
+    "model.text_encoding": ("per_image", "per_prompt", "cached"),
     "model.attention": ("sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash-attn"),
     "lora.init": ("gaussian", "default"),
     "rollout.sampler": ("dpm2m", "euler", "sde"),
     "eval.sampler": ("dpm2m", "euler", "sde"),
     "nft.loss_space": ("x0", "velocity"),
     "nft.std_scope": ("global", "group"),
-    "nft.loss_backend": ("auto", "triton", "torch"),
+    "nft.loss_backend": ("auto", "triton", "torch", "reference"),
     "old_policy.schedule": (0, 1, 2),
     "optim.name": ("adamw", "adamw8bit-bnb", "adamw8bit-torchao"),
     "device": ("auto", "cpu", "cuda"),
@@ -461,15 +464,16 @@ def validate(config: Config, base: Path) -> None:
         "bitsandbytes' 8-bit AdamW rejects FSDP2-sharded (DTensor) parameters: use adamw8bit-torchao",
     )
     _require(
-        config.model.cache_text or not config.model.offload_text_encoders,
+        config.model.text_encoding == "cached" or not config.model.offload_text_encoders,
         "model.offload_text_encoders",
-        "needs model.cache_text: true (the encoders are offloaded once every prompt is cached)",
+        "needs model.text_encoding: cached (the encoders are offloaded once every prompt is cached)",
     )
     _require(
         config.dist.strategy != "fsdp2" or not config.lora.enabled,
         "dist.strategy",
         "fsdp2 shards full fine-tuning (lora.enabled: false); LoRA trains with ddp",
     )
+    _require(not config.optim.fused or config.optim.name == "adamw", "optim.fused", "applies to optim.name adamw only")
     _require(
         not config.optim.bf16_stochastic_round or config.optim.name == "adamw8bit-torchao",
         "optim.bf16_stochastic_round",

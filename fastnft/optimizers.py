@@ -12,7 +12,7 @@ from fastnft.config import ConfigError, OptimConfig
 def build_optimizer(config: OptimConfig, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
     options = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay, eps=config.eps)
     if config.name == "adamw":
-        return torch.optim.AdamW(parameters, **options)
+        return torch.optim.AdamW(parameters, fused=config.fused or None, **options)
     if config.name == "adamw8bit-bnb":
         try:
             import bitsandbytes

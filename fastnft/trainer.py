@@ -43,7 +43,7 @@ from fastnft.sampling import sample, timestep_grid
 from fastnft.schedules import ema_decay, old_policy_eta
 from fastnft.speed import apply_attention, apply_compile
 from fastnft.text_cache import PromptEmbeddings
-from fastnft_kernels import nft_loss
+from fastnft_kernels import nft_loss, nft_loss_torch
 
 
 def resolve_device(name: str, world: World) -> torch.device:
@@ -56,10 +56,9 @@ def resolve_device(name: str, world: World) -> torch.device:
 
 
 def weight_dtype_for(config: Config, device: torch.device) -> torch.dtype:
-    """Frozen weights: bf16 on GPU, fp32 on CPU and for the reference precision (fp16 autocast)."""
-    if device.type == "cuda" and config.model.precision == "bf16":
-        return torch.bfloat16
-    return torch.float32
+    """Frozen weights: bf16 for precision bf16 (on any device), else fp32 (the reference
+    precision adds fp16 autocast on GPU)."""
+    return torch.bfloat16 if config.model.precision == "bf16" else torch.float32
 
 
 class Trainer:
@@ -92,7 +91,7 @@ class Trainer:
         self.rewards = WeightedRewards([(r.name, r.weight, r.options) for r in config.rewards])
         self.train_prompts = PromptSet.load(config.prompts.train)
         self.eval_prompts = PromptSet.load(config.prompts.eval) if config.prompts.eval else None
-        self.prompt_embeddings = self._cache_prompt_embeddings() if config.model.cache_text else None
+        self.prompt_embeddings = self._cache_prompt_embeddings() if config.model.text_encoding == "cached" else None
         images = config.rollout.groups * config.rollout.group_size
         self.image_indices = image_shard(images, config.optim.steps_per_iteration, self.world)  # this rank's
         self.grid = timestep_grid(config.rollout.steps, config.rollout.shift)
@@ -115,7 +114,7 @@ class Trainer:
         return cache
 
     def encode_text(self, prompts: list[str]) -> TextEmbedding:
-        """Conditioning for prompts: from the cache (model.cache_text) or the text encoders."""
+        """Conditioning for prompts: from the cache (text_encoding: cached) or the text encoders."""
         if self.prompt_embeddings is not None:
             return self.prompt_embeddings(prompts)
         return self.model.encode_text(prompts)
@@ -227,6 +226,19 @@ class Trainer:
         rewards = RewardOutput(torch.cat([o.score for o in outputs]), extras)
         return rewards, torch.cat(kept) if keep_images else None
 
+    def iteration_text(self, prompts: list[str], image_groups: Tensor) -> TextEmbedding:
+        """The conditioning of each image (image_groups: its prompt's row in prompts), reused by
+        rollout and training. per_prompt and cached encode each prompt once; per_image re-encodes
+        every image's prompt in rollout-sized batches, as the reference code does."""
+        if self.config.model.text_encoding != "per_image":
+            text = self.encode_text(prompts)
+            return text.index(image_groups.to(text.sequence.device))
+        image_prompts = [prompts[g] for g in image_groups.tolist()]
+        size = self.config.rollout.batch_size
+        return TextEmbedding.cat(
+            [self.model.encode_text(image_prompts[s : s + size]) for s in range(0, len(image_prompts), size)]
+        )
+
     def gather_rewards(self, local: RewardOutput, indices: list[int], count: int) -> RewardOutput:
         """Every rank's scores (and extras) in global image order, on every rank."""
         rows = gather_rows(
@@ -243,12 +255,11 @@ class Trainer:
         chosen = prompt_indices(len(self.train_prompts), iteration, config.rollout.groups, config.seed)
         prompts = [self.train_prompts.prompts[i] for i in chosen]
         metadata = [self.train_prompts.metadata[i] for i in chosen]
-        text = self.encode_text(prompts)  # once per prompt, reused by its K images and training
         group_size = config.rollout.group_size
         image_group = torch.arange(len(prompts)).repeat_interleave(group_size)  # of every image of the iteration
         mine = self.image_indices
         my_groups = image_group[mine]
-        image_text = text.index(my_groups.to(text.sequence.device))
+        image_text = self.iteration_text(prompts, my_groups)
 
         with self.policies.role("old") as old:
             x0 = self.rollout(
@@ -375,6 +386,22 @@ class Trainer:
                     v_ref = self.velocity_fn(ref, text, 1.0)(x_t, t)
         with self.policies.role("trained"):
             v_theta = self.velocity_fn(self.policies.grad_module, text, 1.0)(x_t, t)
+        if nft.loss_backend == "reference":  # the reference code's eager loss, adaptive weights in float64
+            return nft_loss_torch(
+                v_theta,
+                v_old,
+                x0,
+                noise,
+                t,
+                r,
+                beta=nft.beta,
+                v_ref=v_ref,
+                kl_coef=nft.kl_coef,
+                adv_clip_max=nft.adv_clip_max,
+                loss_space=nft.loss_space,
+                eps=nft.eps,
+                weight_dtype=torch.float64,
+            )
         return nft_loss(
             v_theta,
             v_old,

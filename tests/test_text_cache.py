@@ -1,4 +1,4 @@
-"""Prompt embeddings cached at start (model.cache_text) and offloaded text encoders."""
+"""Prompt embeddings cached at start (model.text_encoding: cached) and offloaded text encoders."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ def count_text_encoder_calls(trainer: Trainer) -> dict[str, int]:
 
 
 def test_cached_embeddings_equal_encoded_ones_and_no_encoder_runs_in_an_iteration():
-    cached = Trainer(tiny_config(["model.cache_text=true"]), progress=False)
+    cached = Trainer(tiny_config(["model.text_encoding=cached"]), progress=False)
     plain = Trainer(tiny_config(), progress=False)
     prompts = cached.train_prompts.prompts[:3]
     from_cache, encoded = cached.encode_text(prompts), plain.model.encode_text(prompts)
@@ -32,7 +32,7 @@ def test_cached_embeddings_equal_encoded_ones_and_no_encoder_runs_in_an_iteratio
 
 
 def test_new_prompts_are_encoded_until_the_encoders_are_offloaded():
-    trainer = Trainer(tiny_config(["model.cache_text=true"]), progress=False)
+    trainer = Trainer(tiny_config(["model.text_encoding=cached"]), progress=False)
     calls = count_text_encoder_calls(trainer)
     assert len(trainer.encode_text(["a prompt nobody cached"])) == 1
     assert min(calls.values()) == 1
@@ -40,12 +40,12 @@ def test_new_prompts_are_encoded_until_the_encoders_are_offloaded():
     trainer.encode_text(["a prompt nobody cached"])
     assert len(trainer.prompt_embeddings) == before and min(calls.values()) == 1  # cached now
 
-    offloaded = Trainer(tiny_config(["model.cache_text=true", "model.offload_text_encoders=true"]), progress=False)
+    offloaded = Trainer(tiny_config(["model.text_encoding=cached", "model.offload_text_encoders=true"]), progress=False)
     offloaded.run_iteration()
     with pytest.raises(ValueError, match=r"was not cached at start.*offload_text_encoders"):
         offloaded.encode_text(["a prompt nobody cached"])
 
 
 def test_offloading_without_the_cache_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"model.offload_text_encoders: needs model.cache_text"):
+    with pytest.raises(ConfigError, match=r"model.offload_text_encoders: needs model.text_encoding: cached"):
         tiny_config(["model.offload_text_encoders=true"])

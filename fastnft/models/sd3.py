@@ -48,7 +48,16 @@ def _load_component(name: str, path: str, weight_dtype: torch.dtype):
 class SD3Adapter(ModelAdapter):
     default_lora_targets = JOINT_ATTENTION_PROJECTIONS
 
-    def __init__(self, pipeline, *, resolution: int, clip_max_length: int, t5_max_length: int, device: torch.device):
+    def __init__(
+        self,
+        pipeline,
+        *,
+        resolution: int,
+        clip_max_length: int,
+        t5_max_length: int,
+        device: torch.device,
+        channels_last: bool = False,
+    ):
         self.pipeline = pipeline.to(device)
         self.pipeline.set_progress_bar_config(disable=True)
         self.pipeline.tokenizer_max_length = clip_max_length
@@ -56,6 +65,9 @@ class SD3Adapter(ModelAdapter):
         self.device = device
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
+        self.channels_last = channels_last
+        if channels_last:
+            self.vae.to(memory_format=torch.channels_last)
         scale = pipeline.vae_scale_factor
         if resolution % (scale * self.transformer.config.patch_size):
             raise ConfigError(f"model.resolution: {resolution} is not a multiple of the VAE and patch strides")
@@ -71,6 +83,7 @@ class SD3Adapter(ModelAdapter):
             clip_max_length=config.clip_max_length,
             t5_max_length=config.t5_max_length,
             device=device,
+            channels_last=config.vae_channels_last,
         )
 
     @property
@@ -93,6 +106,8 @@ class SD3Adapter(ModelAdapter):
     def decode(self, samples: Tensor) -> Tensor:
         config = self.vae.config
         latents = samples.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
+        if self.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
         images = self.vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
