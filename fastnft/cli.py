@@ -4,6 +4,7 @@
     fastnft sample RUN_OR_CHECKPOINT --prompts FILE_OR_TEXT [--cfg S] [--out DIR]
     fastnft eval RUN_OR_CHECKPOINT [--prompts FILE] [--out DIR]
     fastnft pretrain shapes [--out DIR] [--steps N] ...
+    fastnft bench --preset NAME [--out DIR] [--ledger PATH] [--phases ...] [key=value ...]
 
 Configuration errors print one line naming the field and exit with code 2.
 """
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--cfg", type=float, default=None, help="guidance scale (default eval.guidance_scale)")
     sample.add_argument("--out", type=Path, help="output directory (default RUN/samples/sample)")
 
+    commands.add_parser("bench", help="throughput: the reference path beside the fast path (see fastnft bench -h)")
     pretrain = commands.add_parser("pretrain", help="pretrain an embedded task's base model", add_help=False)
     pretrain.add_argument("task", choices=["shapes"])
     pretrain.add_argument("task_arguments", nargs=argparse.REMAINDER, help="see fastnft pretrain shapes --help")
@@ -170,6 +172,14 @@ def command_eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from fastnft.bench import main as bench
+
+        try:
+            return bench(argv[1:])
+        except ConfigError as error:
+            print(f"fastnft: error: {error}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     if argv[:2] == ["pretrain", "shapes"]:
         from fastnft.shapes.pretrain import main as pretrain_shapes
 

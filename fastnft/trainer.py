@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from fastnft.distributed import (
 )
 from fastnft.models import ModelAdapter, TextEmbedding, build_model
 from fastnft.models.presets import seeded
-from fastnft.optimality import optimality_probabilities
+from fastnft.optimality import Optimality, optimality_probabilities
 from fastnft.optimizers import build_optimizer
 from fastnft.policy import FullPolicies, LoraPolicies, Policies
 from fastnft.prompts import PromptSet, prompt_indices
@@ -59,6 +60,21 @@ def weight_dtype_for(config: Config, device: torch.device) -> torch.dtype:
     """Frozen weights: bf16 for precision bf16 (on any device), else fp32 (the reference
     precision adds fp16 autocast on GPU)."""
     return torch.bfloat16 if config.model.precision == "bf16" else torch.float32
+
+
+@dataclass
+class IterationBatch:
+    """An iteration's prompts; groups[i] is the prompt of global image i, mine this rank's images."""
+
+    iteration: int
+    prompts: list[str]
+    metadata: list[dict]
+    groups: Tensor
+    mine: list[int]
+
+    @property
+    def my_groups(self) -> Tensor:
+        return self.groups[self.mine]
 
 
 class Trainer:
@@ -246,49 +262,64 @@ class Trainer:
         )
         return RewardOutput(rows.pop("score"), {key.removeprefix("extra."): value for key, value in rows.items()})
 
+    def iteration_batch(self, iteration: int) -> IterationBatch:
+        """The prompts of `iteration` and this rank's images of them."""
+        config = self.config
+        chosen = prompt_indices(len(self.train_prompts), iteration, config.rollout.groups, config.seed)
+        prompts = [self.train_prompts.prompts[i] for i in chosen]
+        groups = torch.arange(len(prompts)).repeat_interleave(config.rollout.group_size)
+        return IterationBatch(
+            iteration, prompts, [self.train_prompts.metadata[i] for i in chosen], groups, self.image_indices
+        )
+
+    def roll_out(self, batch: IterationBatch) -> tuple[Tensor, TextEmbedding]:
+        """Phase 1: this rank's images from the old policy, and their conditioning."""
+        config = self.config
+        text = self.iteration_text(batch.prompts, batch.my_groups)
+        with self.policies.role("old") as old:
+            x0 = self.rollout(
+                old,
+                text,
+                seed=config.seed,
+                iteration=batch.iteration,
+                sampler=config.rollout.sampler,
+                indices=batch.mine,
+                grid=self.grid,
+                guidance_scale=config.rollout.guidance_scale,
+                batch_size=config.rollout.batch_size,
+                purpose="rollout_noise",
+            )
+        return x0, text
+
+    def rank(self, batch: IterationBatch, x0: Tensor) -> tuple[RewardOutput, Optimality]:
+        """Phase 2: decode and score this rank's images, gather every rank's scores (a prompt's
+        K images may live on several ranks), and turn them into optimality probabilities."""
+        config = self.config
+        groups = batch.my_groups.tolist()
+        local, _ = self.score(
+            x0, [batch.prompts[g] for g in groups], [batch.metadata[g] for g in groups], config.rollout.batch_size
+        )
+        rewards = self.gather_rewards(local, batch.mine, len(batch.groups))
+        optimality = optimality_probabilities(
+            rewards.score, batch.groups, adv_clip_max=config.nft.adv_clip_max, std_scope=config.nft.std_scope
+        )
+        return rewards, optimality
+
     def run_iteration(self) -> dict[str, Any]:
         """Runs iteration self.iteration (0-based) and returns its metrics row."""
         config = self.config
         iteration = self.iteration
         self.in_iteration = True
         started = time.perf_counter()
-        chosen = prompt_indices(len(self.train_prompts), iteration, config.rollout.groups, config.seed)
-        prompts = [self.train_prompts.prompts[i] for i in chosen]
-        metadata = [self.train_prompts.metadata[i] for i in chosen]
-        group_size = config.rollout.group_size
-        image_group = torch.arange(len(prompts)).repeat_interleave(group_size)  # of every image of the iteration
-        mine = self.image_indices
-        my_groups = image_group[mine]
-        image_text = self.iteration_text(prompts, my_groups)
-
-        with self.policies.role("old") as old:
-            x0 = self.rollout(
-                old,
-                image_text,
-                seed=config.seed,
-                iteration=iteration,
-                sampler=config.rollout.sampler,
-                indices=mine,
-                grid=self.grid,
-                guidance_scale=config.rollout.guidance_scale,
-                batch_size=config.rollout.batch_size,
-                purpose="rollout_noise",
-            )
+        batch = self.iteration_batch(iteration)
+        x0, text = self.roll_out(batch)
         rolled_out = time.perf_counter()
-
-        image_prompts = [prompts[g] for g in my_groups.tolist()]
-        image_metadata = [metadata[g] for g in my_groups.tolist()]
-        local, _ = self.score(x0, image_prompts, image_metadata, config.rollout.batch_size)
-        # A prompt's K images may live on several ranks: the group statistics need all of them.
-        rewards = self.gather_rewards(local, mine, len(image_group))
-        optimality = optimality_probabilities(
-            rewards.score, image_group, adv_clip_max=config.nft.adv_clip_max, std_scope=config.nft.std_scope
-        )
+        rewards, optimality = self.rank(batch, x0)
         scored = time.perf_counter()
 
-        self.last_rollout = (x0[:16], image_prompts[:16])  # for sample grids
-        probability = optimality.probability[mine].to(self.device)
-        train_metrics = self.train(x0, image_text, probability, iteration, mine)
+        self.last_rollout = (x0[:16], [batch.prompts[g] for g in batch.my_groups[:16].tolist()])  # sample grids
+        probability = optimality.probability[batch.mine].to(self.device)
+        train_metrics = self.train(x0, text, probability, iteration, batch.mine)
         eta = old_policy_eta(config.old_policy.schedule, self.optimizer_steps)
         self.policies.update_old_policy(eta)
         self.iteration += 1
@@ -311,7 +342,7 @@ class Trainer:
                 "time_rollout": rolled_out - started,
                 "time_reward": scored - rolled_out,
                 "time_train": finished - scored,
-                "images_per_sec": len(image_group) / (finished - started),
+                "images_per_sec": len(batch.groups) / (finished - started),
             }
         )
         return row

@@ -52,7 +52,9 @@ def seeded(seed: int) -> Iterator[None]:
 
 def tiny_sd3_components(seed: int) -> dict[str, object]:
     """SD3.5-Medium's layout in miniature: MMDiT-X with a dual-attention block and QK RMS-norm,
-    a 2x VAE with shift and scaling factors, CLIP-L, CLIP-G and T5 with their tokenizers."""
+    a 2x VAE with shift and scaling factors, CLIP-L, CLIP-G and T5 with their tokenizers. Sized so
+    that an iteration's FLOP shares (text, rollout, decode + reward, training) stay within 2x of
+    SD3.5-Medium's (`fastnft bench --preset tiny` reports them; a test checks)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -81,10 +83,10 @@ def tiny_sd3_components(seed: int) -> dict[str, object]:
                 patch_size=2,
                 in_channels=4,
                 num_layers=2,
-                attention_head_dim=8,
-                num_attention_heads=2,
-                joint_attention_dim=32,
-                caption_projection_dim=16,
+                attention_head_dim=16,
+                num_attention_heads=4,
+                joint_attention_dim=128,
+                caption_projection_dim=64,
                 pooled_projection_dim=32,
                 out_channels=4,
                 pos_embed_max_size=8,
@@ -96,7 +98,7 @@ def tiny_sd3_components(seed: int) -> dict[str, object]:
                 out_channels=3,
                 down_block_types=("DownEncoderBlock2D",) * 2,
                 up_block_types=("UpDecoderBlock2D",) * 2,
-                block_out_channels=(8, 16),
+                block_out_channels=(4, 8),
                 layers_per_block=1,
                 latent_channels=4,
                 norm_num_groups=4,
@@ -109,11 +111,11 @@ def tiny_sd3_components(seed: int) -> dict[str, object]:
             "text_encoder_3": T5EncoderModel(
                 T5Config(
                     vocab_size=vocab_size,
-                    d_model=32,
-                    d_ff=64,
-                    num_layers=1,
+                    d_model=128,
+                    d_ff=128,
+                    num_layers=2,
                     num_heads=2,
-                    d_kv=16,
+                    d_kv=64,
                     pad_token_id=0,
                     eos_token_id=3,
                     decoder_start_token_id=0,
