@@ -9,14 +9,16 @@ The two paths run the same math (a test checks their losses agree on the same te
 - reference: the reference implementation's settings: fp32 weights (fp16 autocast and a
   GradScaler on GPU), every image's prompt re-encoded, eager, default SDPA, torch AdamW, the eager
   loss with float64 adaptive weights, VAE in the default memory format;
-- fast: each SWITCHES entry turned on (those that apply to the device).
+- fast: the SWITCHES entries that apply to the device and pay off there (on a CPU, bf16 weights
+  slow the small models the CPU can run, so its fast path keeps fp32).
 
 Phases (throughput = median over repeats after warm-up; the first call's extra time is reported
 as compile time): rollout (prompt encoding + sampling, images/s), reward (VAE decode + rewards,
 images/s), train (the NFT update, (image, timestep) samples/s), iteration (all of it, images/s).
-Then, for the iteration, the fast path with one switch turned back at a time: each switch's own
-speed-up. FLOPs are counted once (torch.utils.flop_counter) on the reference path; on a GPU, MFU
-is given against 798 TFLOP/s (H100/H200 dense bf16) and against a bf16 matmul measured in this run.
+Then, for the iteration, the fast path with one switch flipped at a time: each switch's own
+effect (time with it flipped / time of the fast path; above 1, the fast path's choice pays).
+FLOPs are counted once (torch.utils.flop_counter) on the reference path; on a GPU, MFU is given
+against 798 TFLOP/s (H100/H200 dense bf16) and against a bf16 matmul measured in this run.
 Outputs: DIR/bench.json, DIR/bench.md, DIR/bench.png, and ledger rows with --ledger.
 """
 
@@ -54,11 +56,12 @@ class Switch:
     fast: Any
     reference: Any
     state: str  # the key of `observe` that must change when the switch flips
-    cuda_only: bool = False
+    cuda_only: bool = False  # means nothing on a CPU (e.g. cuDNN attention)
+    fast_on_cpu: bool = True  # part of the CPU fast path (measured: bf16 weights slow small CPU models)
 
 
 SWITCHES = {
-    "bf16_weights": Switch("model.precision", "bf16", "reference", "weight_dtype"),
+    "bf16_weights": Switch("model.precision", "bf16", "reference", "weight_dtype", fast_on_cpu=False),
     "text_cache": Switch("model.text_encoding", "cached", "per_image", "text_encoder_rows_per_iteration"),
     "loss": Switch("nft.loss_backend", "auto", "reference", "loss"),
     "compile": Switch("compile.enabled", True, False, "compiled_blocks"),
@@ -72,11 +75,17 @@ def applicable_switches(device: torch.device) -> dict[str, Switch]:
     return {name: s for name, s in SWITCHES.items() if device.type == "cuda" or not s.cuda_only}
 
 
-def path_overrides(path: str, device: torch.device, without: str | None = None) -> list[str]:
-    """Overrides for path "reference" or "fast" (optionally with one switch turned back)."""
+def fast_on(switch: Switch, device: torch.device) -> bool:
+    """Whether the fast path on this device turns the switch on."""
+    return device.type == "cuda" or switch.fast_on_cpu
+
+
+def path_overrides(path: str, device: torch.device, flipped: str | None = None) -> list[str]:
+    """Overrides for path "reference" or "fast", optionally with the switch `flipped` the other way."""
     overrides = []
     for name, switch in applicable_switches(device).items():
-        value = switch.reference if path == "reference" or name == without else switch.fast
+        on = path == "fast" and fast_on(switch, device)
+        value = switch.fast if on != (name == flipped) else switch.reference
         overrides.append(f"{switch.field}={json.dumps(value)}")
     return overrides
 
@@ -92,9 +101,9 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def bench_config(preset: str, overrides: list[str], path: str, device: torch.device, without: str | None = None):
+def bench_config(preset: str, overrides: list[str], path: str, device: torch.device, flipped: str | None = None):
     quiet = ["logging.progress=false", "logging.tensorboard=false"]
-    return load_config(preset_path(preset), [*quiet, *overrides, *path_overrides(path, device, without)])
+    return load_config(preset_path(preset), [*quiet, *overrides, *path_overrides(path, device, flipped)])
 
 
 # ---------------------------------------------------------------- observing the switches
@@ -279,6 +288,13 @@ def measured_matmul_tflops(device: torch.device) -> float | None:
     return 2 * n**3 / (milliseconds * 1e-3) / 1e12
 
 
+def fresh_trainer(config: Config) -> Trainer:
+    """A trainer that compiles from a clean dynamo cache: the previous trainer's guards would
+    otherwise count towards the recompile limit and silently send later ones to eager."""
+    torch._dynamo.reset()
+    return Trainer(config)
+
+
 def release_memory() -> None:
     """After the last reference to a trainer is gone: free its (GPU) memory before the next."""
     gc.collect()
@@ -296,9 +312,10 @@ def run_bench(
     phases: tuple[str, ...] = PHASES,
     warmup: int = 2,
     repeats: int = 5,
-    ablations: bool = True,
+    flips: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Measures both paths (and each switch turned back) and returns bench.json's content."""
+    """Measures both paths, then the fast path with each switch in `flips` (default: every one
+    that applies to the device) flipped, and returns bench.json's content."""
     overrides = list(overrides)
     probe = load_config(preset_path(preset), ["logging.progress=false", *overrides])
     device = _device_of(probe)
@@ -315,7 +332,7 @@ def run_bench(
     work: dict[str, int] = {}
     flops: dict[str, float] = {}
     for path in ("reference", "fast"):
-        trainer = Trainer(bench_config(preset, overrides, path, device))
+        trainer = fresh_trainer(bench_config(preset, overrides, path, device))
         graphs_before = compiled_graphs()
         runner = PhaseRunner(trainer)
         timings[path] = {}
@@ -351,13 +368,16 @@ def run_bench(
     result["flops_per_image"] = {name: value / work.get("rollout", 1) for name, value in flops.items()}
     result["mfu"] = _mfu(flops, timings, work, device)
 
-    if ablations and "iteration" in phases:
+    if "iteration" in phases:
         result["switch_speedups"] = {}
         fast_seconds = timings["fast"]["iteration"]["median_s"]
-        for name in applicable_switches(device):
-            trainer = Trainer(bench_config(preset, overrides, "fast", device, without=name))
+        for name in applicable_switches(device) if flips is None else flips:
+            trainer = fresh_trainer(bench_config(preset, overrides, "fast", device, flipped=name))
             timing = time_phase(trainer.run_iteration, device, warmup, repeats)
-            result["switch_speedups"][name] = timing["median_s"] / fast_seconds
+            result["switch_speedups"][name] = {
+                "in_fast_path": fast_on(SWITCHES[name], device),
+                "time_ratio_flipped": timing["median_s"] / fast_seconds,
+            }
             del trainer
             release_memory()
     return result
@@ -416,8 +436,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"{compile_s:.1f} |"
         )
     if result.get("switch_speedups"):
-        lines += ["", "| switch (turned back alone) | iteration slows by |", "|---|---|"]
-        lines += [f"| {name} | {ratio:.2f}x |" for name, ratio in result["switch_speedups"].items()]
+        lines += ["", "| switch | in the fast path | iteration time with it flipped / fast |", "|---|---|---|"]
+        lines += [
+            f"| {name} | {'yes' if row['in_fast_path'] else 'no'} | {row['time_ratio_flipped']:.2f}x |"
+            for name, row in result["switch_speedups"].items()
+        ]
     shares = result["flop_shares"]
     lines += ["", "| FLOP share | this preset | SD3.5-M reference |", "|---|---|---|"]
     lines += [f"| {name} | {shares[name]:.1%} | {SD35M_FLOP_SHARES[name]:.1%} |" for name in SD35M_FLOP_SHARES]
@@ -430,7 +453,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speedups = result.get("switch_speedups") or {}
+    speedups = {name: row["time_ratio_flipped"] for name, row in (result.get("switch_speedups") or {}).items()}
     figure, axes = plt.subplots(1, 2 if speedups else 1, figsize=(11 if speedups else 6, 3.6), squeeze=False)
     phases = list(result["phases"])
     ratio = [result["phases"][p]["speedup"] for p in phases]
@@ -441,7 +464,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if speedups:
         axes[0][1].barh(list(speedups), list(speedups.values()), color="tab:blue")
         axes[0][1].axvline(1.0, color="gray", linestyle="--", linewidth=1)
-        axes[0][1].set_xlabel("iteration time without the switch / with all")
+        axes[0][1].set_xlabel("iteration time, switch flipped / fast path (> 1: the fast path's choice pays)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -464,15 +487,15 @@ def ledger_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "unit": row["unit"],
                 }
             )
-    for name, ratio in (result.get("switch_speedups") or {}).items():
+    for name, row in (result.get("switch_speedups") or {}).items():
         rows.append(
             {
                 **context,
                 "benchmark": benchmark,
-                "provider": f"fast-without-{name}",
+                "provider": f"fast-flipped-{name}",
                 "shape": "iteration",
-                "metric": "slowdown",
-                "value": f"{ratio:.4g}",
+                "metric": "time_ratio_flipped",
+                "value": f"{row['time_ratio_flipped']:.4g}",
                 "unit": "x",
             }
         )
@@ -487,7 +510,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-ablations", action="store_true", help="skip the per-switch speed-ups")
+    parser.add_argument(
+        "--flip",
+        help="comma-separated switches to flip one at a time (default: all; 'none' skips): " + ",".join(SWITCHES),
+    )
     args, overrides = parser.parse_known_args(argv)
     unknown = [item for item in overrides if "=" not in item]
     if unknown:
@@ -496,9 +522,13 @@ def main(argv: list[str]) -> int:
     bad = [p for p in phases if p not in PHASES]
     if bad:
         raise ConfigError(f"--phases: unknown phase {bad[0]!r}; known: {', '.join(PHASES)}")
-    result = run_bench(
-        args.preset, overrides, phases=phases, warmup=args.warmup, repeats=args.repeats, ablations=not args.no_ablations
-    )
+    flips = None
+    if args.flip is not None:
+        flips = [] if args.flip == "none" else [name for name in args.flip.split(",") if name]
+        bad = [name for name in flips if name not in SWITCHES]
+        if bad:
+            raise ConfigError(f"--flip: unknown switch {bad[0]!r}; known: {', '.join(SWITCHES)}")
+    result = run_bench(args.preset, overrides, phases=phases, warmup=args.warmup, repeats=args.repeats, flips=flips)
     out = args.out or Path("runs") / f"bench-{args.preset}"
     write_outputs(result, out)
     if args.ledger is not None:

@@ -96,6 +96,7 @@ class LoraPolicies(Policies):
 
     def __init__(self, transformer: nn.Module, config: LoraConfig, targets: list[str]) -> None:
         from peft import LoraConfig as PeftLoraConfig
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.transformer = transformer
         transformer.requires_grad_(False)
@@ -118,6 +119,9 @@ class LoraPolicies(Policies):
                 self._old[name.replace(".old.", ".default.")] = parameter
         if not self._trained or self._trained.keys() != self._old.keys():
             raise ValueError(f"lora.target_modules: {targets} matched no layer of the transformer")
+        # Switching roles touches only these layers: the model-level peft calls walk every module
+        # (and read package metadata) three times per training pair.
+        self._lora_layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
         with torch.no_grad():
             for name, parameter in self._trained.items():
                 self._old[name].copy_(parameter)
@@ -145,11 +149,12 @@ class LoraPolicies(Policies):
     def _activate(self, role: str) -> None:
         if role == self._active:
             return
-        if role == "ref":
-            self.transformer.disable_adapters()
-        else:
-            self.transformer.enable_adapters()
-            self.transformer.set_adapter("default" if role == "trained" else "old")
+        # The layers' own state, set directly: peft's set_adapter and enable_adapters would also
+        # toggle requires_grad on every adapter weight, which _activate manages itself.
+        adapter = "default" if role == "trained" else "old"
+        for layer in self._lora_layers:
+            layer._disable_adapters = role == "ref"
+            layer._active_adapter = adapter
         # peft marks the active adapter trainable: only "default" ever is.
         for parameter in self._old.values():
             parameter.requires_grad_(False)

@@ -36,6 +36,9 @@ class TextEmbedding:
             self.sequence.to(device, non_blocking=non_blocking), self.pooled.to(device, non_blocking=non_blocking)
         )
 
+    def cast(self, dtype: torch.dtype) -> TextEmbedding:
+        return TextEmbedding(self.sequence.to(dtype), self.pooled.to(dtype))
+
     def pin_memory(self) -> TextEmbedding:
         return TextEmbedding(self.sequence.pin_memory(), self.pooled.pin_memory())
 
@@ -94,7 +97,9 @@ class ModelAdapter(ABC):
         """v(x, t) of `transformer` (the trained, old or reference policy); t [B] in [0, 1].
         The diffusers SD3 family takes timestep = t * 1000 (a float: fastnft never truncates it).
         Inputs are cast to the module's weight dtype (bf16 base weights, fp32 full fine-tuning)."""
-        dtype = getattr(transformer, "module", transformer).dtype  # a DDP wrapper holds the model in .module
+        # The first weight's dtype (diffusers' .dtype walks every module, on every call); a DDP
+        # wrapper holds the model in .module.
+        dtype = next(getattr(transformer, "module", transformer).parameters()).dtype
         return transformer(
             hidden_states=x.to(dtype),
             timestep=t * 1000.0,

@@ -171,10 +171,59 @@ def shapes_pixel_components(seed: int) -> dict[str, object]:
         }
 
 
-PRESETS = {"tiny-sd3": tiny_sd3_components, "shapes-pixel": shapes_pixel_components}
+SD35M_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+SD35M_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 
 
-def build_preset(name: str, seed: int) -> dict[str, object]:
+def sd35m_components(seed: int) -> dict[str, object]:
+    """SD3.5-Medium's transformer and VAE from their configs, with random weights and no text
+    encoders (the bench feeds random prompt embeddings of the real shapes: models/synthetic.py).
+    Build it under `torch.device("cuda")` to initialise directly on the GPU."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    with seeded(seed):
+        return {
+            "transformer": SD3Transformer2DModel(**SD35M_TRANSFORMER),
+            "vae": AutoencoderKL(**SD35M_VAE),
+            "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        }
+
+
+PRESETS = {"tiny-sd3": tiny_sd3_components, "shapes-pixel": shapes_pixel_components, "sd35m": sd35m_components}
+SYNTHETIC_TEXT_PRESETS = ("sd35m",)  # presets without text encoders
+
+
+def build_preset(name: str, seed: int, device: torch.device | str = "cpu") -> dict[str, object]:
+    """The preset's components, initialised on `device`."""
     if name not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name](seed)
+    with torch.device(device):
+        return PRESETS[name](seed)

@@ -16,12 +16,16 @@ from fastnft.models.presets import build_preset
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def load_sd3_pipeline(config: ModelConfig, seed: int, weight_dtype: torch.dtype):
-    """A StableDiffusion3Pipeline from model.path (+ component_paths) or a random-init preset."""
+def load_sd3_pipeline(config: ModelConfig, seed: int, weight_dtype: torch.dtype, device: torch.device):
+    """A StableDiffusion3Pipeline from model.path (+ component_paths) or a random-init preset
+    (initialised directly on `device`; presets without text encoders leave them None)."""
     from diffusers import StableDiffusion3Pipeline
 
     if config.preset is not None:
-        pipeline = StableDiffusion3Pipeline(**build_preset(config.preset, seed))
+        components = dict.fromkeys(("text_encoder", "text_encoder_2", "text_encoder_3"))
+        components.update(dict.fromkeys(("tokenizer", "tokenizer_2", "tokenizer_3")))
+        components.update(build_preset(config.preset, seed, device))
+        pipeline = StableDiffusion3Pipeline(**components)
         return pipeline if weight_dtype == torch.float32 else pipeline.to(dtype=weight_dtype)
     overrides = {name: _load_component(name, path, weight_dtype) for name, path in config.component_paths.items()}
     return StableDiffusion3Pipeline.from_pretrained(config.path, torch_dtype=weight_dtype, **overrides)
@@ -61,6 +65,7 @@ class SD3Adapter(ModelAdapter):
         self.pipeline = pipeline.to(device)
         self.pipeline.set_progress_bar_config(disable=True)
         self.pipeline.tokenizer_max_length = clip_max_length
+        self.clip_max_length = clip_max_length
         self.t5_max_length = t5_max_length
         self.device = device
         self.transformer = pipeline.transformer
@@ -76,7 +81,7 @@ class SD3Adapter(ModelAdapter):
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype):
-        pipeline = load_sd3_pipeline(config, seed, weight_dtype)
+        pipeline = load_sd3_pipeline(config, seed, weight_dtype, device)
         return cls(
             pipeline,
             resolution=config.resolution,
