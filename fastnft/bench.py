@@ -208,8 +208,16 @@ def time_phase(fn: Callable[[], object], device: torch.device, warmup: int, repe
         times.append(time.perf_counter() - start)
     timed = times[max(warmup, 1) :] or times
     median = statistics.median(timed)
+    q20, _, _, q80 = statistics.quantiles(timed, n=5) if len(timed) > 1 else (median,) * 4
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"first_s": times[0], "median_s": median, "compile_s": max(0.0, times[0] - median), "memory_gb": memory}
+    return {
+        "first_s": times[0],
+        "median_s": median,
+        "q20_s": q20,
+        "q80_s": q80,
+        "compile_s": max(0.0, times[0] - median),
+        "memory_gb": memory,
+    }
 
 
 class PhaseRunner:
@@ -311,7 +319,7 @@ def run_bench(
     *,
     phases: tuple[str, ...] = PHASES,
     warmup: int = 2,
-    repeats: int = 5,
+    repeats: int = 10,
     flips: list[str] | None = None,
 ) -> dict[str, Any]:
     """Measures both paths, then the fast path with each switch in `flips` (default: every one
@@ -325,6 +333,7 @@ def run_bench(
         "overrides": overrides,
         "phases": {},
         "compile_s": {},
+        "seconds_per_call": {},
         "memory_gb": {},
         "switches": {},
     }
@@ -360,6 +369,9 @@ def run_bench(
             "speedup": fast / reference,
         }
         result["compile_s"][phase] = {p: timings[p][phase]["compile_s"] for p in timings}
+        result["seconds_per_call"][phase] = {
+            p: {k: timings[p][phase][k] for k in ("median_s", "q20_s", "q80_s")} for p in timings
+        }
         result["memory_gb"][phase] = {p: timings[p][phase]["memory_gb"] for p in timings}
 
     total = sum(flops.values())
@@ -509,7 +521,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ledger", type=Path, help="append ledger rows to this CSV")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per phase (median reported)")
     parser.add_argument(
         "--flip",
         help="comma-separated switches to flip one at a time (default: all; 'none' skips): " + ",".join(SWITCHES),
