@@ -15,12 +15,20 @@ from fastnft.rewards.base import (
     build_reward,
     register,
 )
+from fastnft.rewards.clip import Aesthetic, ClipScore, HPSv2, PickScore
 from fastnft.rewards.jpeg import JpegCompressibility, JpegIncompressibility
+from fastnft.rewards.remote import HttpReward, JudgeReward
 from fastnft.rewards.shapes import ShapesReward
 
 __all__ = [
+    "Aesthetic",
+    "ClipScore",
+    "HPSv2",
+    "HttpReward",
     "JpegCompressibility",
     "JpegIncompressibility",
+    "JudgeReward",
+    "PickScore",
     "Reward",
     "RewardOutput",
     "ShapesReward",
