@@ -77,6 +77,7 @@ class RolloutConfig:
     shift: float = 3.0
     sde_noise_level: float = 0.7
     guidance_scale: float = 1.0  # 1.0 = CFG-free; guidance only ever applies to rollouts and eval
+    overlap_reward: bool = False  # decode and score each batch on a worker while the next one samples
 
 
 @dataclass

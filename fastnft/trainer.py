@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from fastnft.optimizers import build_optimizer
 from fastnft.policy import FullPolicies, LoraPolicies, Policies
 from fastnft.prompts import PromptSet, prompt_indices
 from fastnft.rewards import RewardOutput, WeightedRewards
+from fastnft.rewards.overlap import OverlappedScoring
 from fastnft.rng import generator, keyed_randn
 from fastnft.sampling import sample, timestep_grid
 from fastnft.schedules import ema_decay, old_policy_eta
@@ -199,9 +200,11 @@ class Trainer:
         guidance_scale: float,
         batch_size: int,
         purpose: str,
+        on_batch: Callable[[Tensor, list[int]], None] | None = None,
     ) -> Tensor:
         """Clean samples [len(text), *sample_shape], one per row of text, with noise keyed by
-        (seed, iteration, global image index indices[row], purpose)."""
+        (seed, iteration, global image index indices[row], purpose); on_batch(samples, rows) is
+        called as each sampler batch completes."""
         shape = self.model.sample_shape
         samples = []
         with torch.no_grad(), self._bar(len(text), f"rollout {iteration}") as bar:
@@ -224,6 +227,8 @@ class Trainer:
                         step_noise=step_noise,
                     )
                 )
+                if on_batch is not None:
+                    on_batch(samples[-1], rows)
                 bar.update(len(rows))
         return torch.cat(samples)
 
@@ -272,7 +277,9 @@ class Trainer:
             iteration, prompts, [self.train_prompts.metadata[i] for i in chosen], groups, self.image_indices
         )
 
-    def roll_out(self, batch: IterationBatch) -> tuple[Tensor, TextEmbedding]:
+    def roll_out(
+        self, batch: IterationBatch, on_batch: Callable[[Tensor, list[int]], None] | None = None
+    ) -> tuple[Tensor, TextEmbedding]:
         """Phase 1: this rank's images from the old policy, and their conditioning."""
         config = self.config
         text = self.iteration_text(batch.prompts, batch.my_groups)
@@ -288,17 +295,38 @@ class Trainer:
                 guidance_scale=config.rollout.guidance_scale,
                 batch_size=config.rollout.batch_size,
                 purpose="rollout_noise",
+                on_batch=on_batch,
             )
         return x0, text
 
-    def rank(self, batch: IterationBatch, x0: Tensor) -> tuple[RewardOutput, Optimality]:
-        """Phase 2: decode and score this rank's images, gather every rank's scores (a prompt's
-        K images may live on several ranks), and turn them into optimality probabilities."""
-        config = self.config
+    def roll_out_scoring(self, batch: IterationBatch) -> tuple[Tensor, TextEmbedding, RewardOutput]:
+        """Phases 1 and 2 overlapped: each sampler batch is scored on a worker while the next one
+        is sampled (rollout.overlap_reward)."""
+        scoring = OverlappedScoring(self._score_batch, self.device)
         groups = batch.my_groups.tolist()
-        local, _ = self.score(
-            x0, [batch.prompts[g] for g in groups], [batch.metadata[g] for g in groups], config.rollout.batch_size
-        )
+
+        def submit(samples: Tensor, rows: list[int]) -> None:
+            prompts = [batch.prompts[groups[row]] for row in rows]
+            scoring.submit(samples, prompts, [batch.metadata[groups[row]] for row in rows])
+
+        x0, text = self.roll_out(batch, on_batch=submit)
+        return x0, text, scoring.results()
+
+    def _score_batch(self, samples: Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
+        return self.score(samples, prompts, metadata, len(samples))[0]
+
+    def rank(
+        self, batch: IterationBatch, x0: Tensor, local: RewardOutput | None = None
+    ) -> tuple[RewardOutput, Optimality]:
+        """Phase 2: decode and score this rank's images (unless their scores `local` are given),
+        gather every rank's scores (a prompt's K images may live on several ranks), and turn them
+        into optimality probabilities."""
+        config = self.config
+        if local is None:
+            groups = batch.my_groups.tolist()
+            local, _ = self.score(
+                x0, [batch.prompts[g] for g in groups], [batch.metadata[g] for g in groups], config.rollout.batch_size
+            )
         rewards = self.gather_rewards(local, batch.mine, len(batch.groups))
         optimality = optimality_probabilities(
             rewards.score, batch.groups, adv_clip_max=config.nft.adv_clip_max, std_scope=config.nft.std_scope
@@ -312,9 +340,13 @@ class Trainer:
         self.in_iteration = True
         started = time.perf_counter()
         batch = self.iteration_batch(iteration)
-        x0, text = self.roll_out(batch)
+        if config.rollout.overlap_reward:
+            x0, text, local = self.roll_out_scoring(batch)
+        else:
+            x0, text = self.roll_out(batch)
+            local = None
         rolled_out = time.perf_counter()
-        rewards, optimality = self.rank(batch, x0)
+        rewards, optimality = self.rank(batch, x0, local)
         scored = time.perf_counter()
 
         self.last_rollout = (x0[:16], [batch.prompts[g] for g in batch.my_groups[:16].tolist()])  # sample grids
