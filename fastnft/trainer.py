@@ -105,7 +105,10 @@ class Trainer:
         reference_precision = config.model.precision == "reference" and self.device.type == "cuda"
         self.autocast_dtype = torch.float16 if reference_precision else None
         self.grad_scaler = torch.amp.GradScaler("cuda") if reference_precision else None
-        self.rewards = WeightedRewards([(r.name, r.weight, r.options) for r in config.rewards])
+        try:
+            self.rewards = WeightedRewards([(r.name, r.weight, r.options) for r in config.rewards])
+        except (ValueError, ImportError) as error:
+            raise ConfigError(f"rewards: {error}") from error
         self.train_prompts = PromptSet.load(config.prompts.train)
         self.eval_prompts = PromptSet.load(config.prompts.eval) if config.prompts.eval else None
         self.prompt_embeddings = self._cache_prompt_embeddings() if config.model.text_encoding == "cached" else None

@@ -66,6 +66,15 @@ def test_recipes_resolve_to_the_reference_values(pipeline_dir, prompt_file, reci
         "adamw", 3e-4, [0.9, 0.999], 1e-4, 1e-8, 1.0)  # fmt: skip
     assert (config.model.resolution, config.model.clip_max_length, config.model.t5_max_length) == (512, 77, 128)
     assert (config.eval.every, config.eval.sampler, config.eval.steps) == (10, "euler", 40)
+    rewards = {"sd35m_geneval": ["http"], "sd35m_pickscore": ["pickscore"],
+               "sd35m_multireward": ["pickscore", "clipscore", "hpsv2"]}  # fmt: skip
+    assert [r.name for r in config.rewards] == rewards[recipe] and {r.weight for r in config.rewards} == {1.0}
+
+
+def test_a_recipe_whose_reward_paths_are_unset_names_them(pipeline_dir, prompt_file, capsys, tmp_path):
+    arguments = ["train", str(CONFIGS / "sd35m_pickscore.yaml"), "--out", str(tmp_path), f"model.path={pipeline_dir}"]
+    assert main([*arguments, f"prompts.train={prompt_file}", *SMALL]) == 2
+    assert "rewards: reward 'pickscore': set options.path to a local directory" in capsys.readouterr().err
 
 
 def test_geneval_recipe_trains_from_a_local_pipeline_directory(pipeline_dir, prompt_file, tmp_path):

@@ -16,6 +16,7 @@ from fastnft.rewards.base import (
     register,
 )
 from fastnft.rewards.clip import Aesthetic, ClipScore, HPSv2, PickScore
+from fastnft.rewards.imagenet import ImageNetClass
 from fastnft.rewards.jpeg import JpegCompressibility, JpegIncompressibility
 from fastnft.rewards.remote import HttpReward, JudgeReward
 from fastnft.rewards.shapes import ShapesReward
@@ -25,6 +26,7 @@ __all__ = [
     "ClipScore",
     "HPSv2",
     "HttpReward",
+    "ImageNetClass",
     "JpegCompressibility",
     "JpegIncompressibility",
     "JudgeReward",
