@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastnft.shapes.task import COLORS, MAX_SIZE, MIN_SIZE, POSITION_GAP, RESOLUTION
+from fastnft.shapes.task import COLORS, GRID, MAX_SIZE, MIN_SIZE, POSITION_GAP, RESOLUTION
 
 MAX_TRIES = 200
 
@@ -63,8 +63,9 @@ def render(metadata: dict[str, Any], generator: torch.Generator) -> Tensor:
         boxes: list[tuple[int, int, int]] = []
         for _ in objects:
             for _ in range(MAX_TRIES):
-                size = randint(MIN_SIZE, MAX_SIZE)
-                box = (randint(0, RESOLUTION - size), randint(0, RESOLUTION - size), size)
+                size = GRID * randint(MIN_SIZE // GRID, MAX_SIZE // GRID)
+                last = (RESOLUTION - size) // GRID
+                box = (GRID * randint(0, last), GRID * randint(0, last), size)
                 if _separated(box, boxes):
                     boxes.append(box)
                     break

@@ -1,8 +1,10 @@
 """The `shapes` task: a GenEval-like compositional benchmark small enough to learn on a CPU.
 
-Images are 32 x 32 pixels, coloured shapes on black. Every object's bounding box is 7 to 11 pixels
-wide (the scorer ignores connected regions under MIN_AREA pixels), objects never touch, and
-positions are unambiguous (centres at least POSITION_GAP pixels apart along the named axis).
+Images are 32 x 32 pixels, coloured shapes on black. Every object's bounding box is 8 or 12 pixels
+wide and starts on a multiple of GRID = 4 pixels, the base model's patch size, so object edges
+fall on patch edges (the scorer accepts 6 to 14 and ignores connected regions under MIN_AREA
+pixels); objects never touch, and positions are unambiguous (centres at least POSITION_GAP pixels
+apart along the named axis).
 
 Categories, as GenEval's: single_object ("a circle"), two_object ("a circle and a square"),
 counting ("three triangles", 1 to 4), colors ("a red circle"), position ("a circle left of a
@@ -24,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 RESOLUTION = 32
-MIN_SIZE, MAX_SIZE = 7, 11  # bounding-box side of an object, pixels
+MIN_SIZE, MAX_SIZE = 8, 12  # bounding-box side of an object, pixels
+GRID = 4  # rendered boxes start on multiples of GRID and their sides are multiples of it
 MIN_AREA = 12  # connected regions smaller than this are noise
 POSITION_GAP = 4  # pixels between centres along the axis a relation names
 SHAPES = ("circle", "square", "triangle")
