@@ -68,6 +68,7 @@ SWITCHES = {
     "attention": Switch("model.attention", "sdpa-cudnn", "sdpa", "attention", cuda_only=True),
     "vae_channels_last": Switch("model.vae_channels_last", True, False, "vae_memory_format"),
     "fused_adamw": Switch("optim.fused", True, False, "optimizer"),
+    "batch_old_ref": Switch("nft.batch_old_ref", True, False, "transformer_calls_per_pair"),
 }
 
 
@@ -138,14 +139,16 @@ def resolved_loss(trainer: Trainer) -> str:
 
 
 def count_rows(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, int], Callable[[], None]]:
-    """Rows (batch entries) through each module's forward; returns (counts, remove hooks)."""
-    counts = dict.fromkeys(modules, 0)
+    """Rows (batch entries) through each module's forward, and calls under "<name>.calls";
+    returns (counts, remove hooks)."""
+    counts = dict.fromkeys(modules, 0) | dict.fromkeys((f"{name}.calls" for name in modules), 0)
     handles = []
     for name, module in modules.items():
 
         def hook(module, args, kwargs, name=name):
             first = kwargs.get("hidden_states", kwargs.get("input_ids", args[0] if args else None))
             counts[name] += first.shape[0]
+            counts[f"{name}.calls"] += 1
 
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     return counts, lambda: [h.remove() for h in handles]
@@ -175,14 +178,16 @@ def count_iteration(trainer: Trainer) -> dict[str, float]:
     x0, text = trainer.roll_out(batch)
     _, optimality = trainer.rank(batch, x0)
     for name in transformers:
-        counts[name] = 0
+        counts[name] = counts[f"{name}.calls"] = 0
     trainer.train(x0, text, optimality.probability[batch.mine], trainer.iteration, batch.mine)
     remove()
-    trained = len(x0) * int(config.nft.timestep_fraction * config.rollout.steps)
+    trained_times = int(config.nft.timestep_fraction * config.rollout.steps)
+    pairs = -(-len(x0) // config.nft.micro_batch_size) * trained_times
     text_rows = max((counts[n] for n in trainer.model.text_encoders()), default=0)
     return {
         "text_encoder_rows_per_iteration": text_rows,
-        "forwards_per_sample": sum(counts[n] for n in transformers) / trained,
+        "forwards_per_sample": sum(counts[n] for n in transformers) / (len(x0) * trained_times),
+        "transformer_calls_per_pair": sum(counts[f"{n}.calls"] for n in transformers) / pairs,
     }
 
 

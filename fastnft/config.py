@@ -90,6 +90,7 @@ class NFTConfig:
     timestep_fraction: float = 0.99  # train on int(fraction * steps) grid timesteps per image
     micro_batch_size: int = 9  # per device; the recipe above is global
     std_scope: str = "global"  # global | group: the std that normalises advantages
+    batch_old_ref: bool = False  # LoRA: the no-grad old and reference forwards as one call of 2n rows
     loss_backend: str = "auto"  # auto | triton | torch (fastnft_kernels.nft_loss) | reference (torch, fp64 weights)
 
 
@@ -468,6 +469,11 @@ def validate(config: Config, base: Path) -> None:
         config.model.text_encoding == "cached" or not config.model.offload_text_encoders,
         "model.offload_text_encoders",
         "needs model.text_encoding: cached (the encoders are offloaded once every prompt is cached)",
+    )
+    _require(
+        config.lora.enabled or not config.nft.batch_old_ref,
+        "nft.batch_old_ref",
+        "needs LoRA (lora.enabled: true): full fine-tuning keeps the old and reference policies in separate copies",
     )
     _require(
         config.dist.strategy != "fsdp2" or not config.lora.enabled,

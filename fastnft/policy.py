@@ -62,6 +62,13 @@ class Policies(ABC):
     def role(self, name: str) -> Iterator[nn.Module]:
         """The module that computes the velocity of policy `name` (one of ROLES)."""
 
+    @contextmanager
+    def old_then_reference(self) -> Iterator[nn.Module]:
+        """One module whose forward on a batch of 2n rows computes the old policy on the first n
+        and the reference on the last n (nft.batch_old_ref)."""
+        raise ValueError("nft.batch_old_ref needs LoRA (lora.enabled: true)")
+        yield  # pragma: no cover
+
     @torch.no_grad()
     def update_old_policy(self, eta: float) -> None:
         """theta_old <- eta * theta_old + (1 - eta) * theta."""
@@ -171,6 +178,24 @@ class LoraPolicies(Policies):
             yield self.transformer
         finally:
             self._activate("trained")
+
+    @contextmanager
+    def old_then_reference(self) -> Iterator[nn.Module]:
+        """The "old" adapter on the first half of the batch and none on the second (the base
+        alone: the reference), exactly: the adapter's contribution is zeroed on those rows, and
+        a DiT forward treats the rows of a batch independently."""
+
+        def first_half_only(module, args, output):
+            output[output.shape[0] // 2 :] = 0
+            return output
+
+        hooks = [layer.lora_B["old"].register_forward_hook(first_half_only) for layer in self._lora_layers]
+        try:
+            with self.role("old") as module:
+                yield module
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 class FullPolicies(Policies):

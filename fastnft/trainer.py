@@ -444,12 +444,17 @@ class Trainer:
         t_b = t.view(-1, *[1] * (x0.ndim - 1))
         x_t = (1 - t_b) * x0 + t_b * noise
         with torch.no_grad():
-            with self.policies.role("old") as old:
-                v_old = self.velocity_fn(old, text, 1.0)(x_t, t)
             v_ref = None
-            if nft.kl_coef > 0:
-                with self.policies.role("ref") as ref:
-                    v_ref = self.velocity_fn(ref, text, 1.0)(x_t, t)
+            if nft.kl_coef > 0 and nft.batch_old_ref:  # one forward of 2n rows: old, then reference
+                with self.policies.old_then_reference() as both:
+                    velocity = self.velocity_fn(both, TextEmbedding.cat([text, text]), 1.0)
+                    v_old, v_ref = velocity(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
+            else:
+                with self.policies.role("old") as old:
+                    v_old = self.velocity_fn(old, text, 1.0)(x_t, t)
+                if nft.kl_coef > 0:
+                    with self.policies.role("ref") as ref:
+                        v_ref = self.velocity_fn(ref, text, 1.0)(x_t, t)
         with self.policies.role("trained"):
             v_theta = self.velocity_fn(self.policies.grad_module, text, 1.0)(x_t, t)
         if nft.loss_backend == "reference":  # the reference code's eager loss, adaptive weights in float64

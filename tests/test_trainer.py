@@ -8,7 +8,7 @@ import torch
 
 from fastnft.checkpoint import latest_checkpoint, list_checkpoints
 from fastnft.cli import main
-from fastnft.config import load_config
+from fastnft.config import ConfigError, load_config
 from fastnft.run import train
 from fastnft.schedules import ema_decay, old_policy_eta
 from fastnft.trainer import Trainer
@@ -229,3 +229,29 @@ def test_evaluation_at_start_with_and_without_guidance(tmp_path):
     scales = [guided["eval_reward_mean_cfg_1.5"], guided["eval_reward_mean_cfg_3"]]
     assert guided["eval_reward_mean_cfg"] == max(scales) and scales[0] != scales[1]
     assert (tmp_path / "samples" / "eval_000000_cfg_3.png").is_file()
+
+
+def test_batched_old_and_reference_forwards_equal_separate_ones():
+    trainer = Trainer(tiny_config(["nft.batch_old_ref=true"]), progress=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an old adapter unlike the trained one and the base
+        for parameter in trainer.policies.old_parameters().values():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    x = torch.randn(3, *trainer.model.sample_shape, generator=generator)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    text = trainer.model.encode_text(["a red circle", "a cat", "two stars"])
+    with torch.no_grad():
+        with trainer.policies.role("old") as old:
+            v_old = trainer.velocity_fn(old, text, 1.0)(x, t)
+        with trainer.policies.role("ref") as ref:
+            v_ref = trainer.velocity_fn(ref, text, 1.0)(x, t)
+        with trainer.policies.old_then_reference() as both:
+            doubled = trainer.velocity_fn(both, type(text).cat([text, text]), 1.0)(torch.cat([x, x]), torch.cat([t, t]))
+        with trainer.policies.role("old") as old:
+            after = trainer.velocity_fn(old, text, 1.0)(x, t)
+    assert not torch.allclose(v_old, v_ref, atol=1e-3)
+    torch.testing.assert_close(doubled[:3], v_old, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(doubled[3:], v_ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(after, v_old)  # the row mask is gone afterwards
+    with pytest.raises(ConfigError, match=r"nft\.batch_old_ref: needs LoRA"):
+        tiny_config(["nft.batch_old_ref=true", "lora.enabled=false"])
