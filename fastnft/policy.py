@@ -62,13 +62,6 @@ class Policies(ABC):
     def role(self, name: str) -> Iterator[nn.Module]:
         """The module that computes the velocity of policy `name` (one of ROLES)."""
 
-    @contextmanager
-    def old_then_reference(self) -> Iterator[nn.Module]:
-        """One module whose forward on a batch of 2n rows computes the old policy on the first n
-        and the reference on the last n (nft.batch_old_ref)."""
-        raise ValueError("nft.batch_old_ref needs LoRA (lora.enabled: true)")
-        yield  # pragma: no cover
-
     @torch.no_grad()
     def update_old_policy(self, eta: float) -> None:
         """theta_old <- eta * theta_old + (1 - eta) * theta."""
@@ -181,9 +174,10 @@ class LoraPolicies(Policies):
 
     @contextmanager
     def old_then_reference(self) -> Iterator[nn.Module]:
-        """The "old" adapter on the first half of the batch and none on the second (the base
-        alone: the reference), exactly: the adapter's contribution is zeroed on those rows, and
-        a DiT forward treats the rows of a batch independently."""
+        """For nft.batch_old_ref (LoRA only; the config refuses it otherwise): one module whose
+        forward on 2n rows computes the old policy on the first n and the reference (the base
+        alone) on the last n, exactly: the "old" adapter's contribution is zeroed on those rows,
+        and a DiT forward treats the rows of a batch independently."""
 
         def first_half_only(module, args, output):
             output[output.shape[0] // 2 :] = 0

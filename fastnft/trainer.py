@@ -57,7 +57,7 @@ def resolve_device(name: str, world: World) -> torch.device:
     return torch.device("cuda", world.local_rank if world.size > 1 else torch.cuda.current_device())
 
 
-def weight_dtype_for(config: Config, device: torch.device) -> torch.dtype:
+def weight_dtype_for(config: Config) -> torch.dtype:
     """Frozen weights: bf16 for precision bf16 (on any device), else fp32 (the reference
     precision adds fp16 autocast on GPU)."""
     return torch.bfloat16 if config.model.precision == "bf16" else torch.float32
@@ -87,7 +87,7 @@ class Trainer:
         self.progress = (config.logging.progress if progress is None else progress) and self.world.is_main
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
-        weight_dtype = weight_dtype_for(config, self.device)
+        weight_dtype = weight_dtype_for(config)
         self.model: ModelAdapter = build_model(config.model, config.seed, self.device, weight_dtype)
         for module in self.model.frozen_modules().values():
             module.requires_grad_(False).eval()
