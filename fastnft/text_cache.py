@@ -30,8 +30,7 @@ class PromptEmbeddings:
         unique = list(dict.fromkeys(prompts))
         self.row = {prompt: index for index, prompt in enumerate(unique)}
         parts = [encode(unique[start : start + batch_size]) for start in range(0, len(unique), batch_size)]
-        table = TextEmbedding.cat(parts).to(torch.device("cpu"))
-        self.table = table.pin_memory() if device.type == "cuda" else table
+        self._keep(TextEmbedding.cat(parts))
 
     def __len__(self) -> int:
         return len(self.row)
@@ -51,7 +50,10 @@ class PromptEmbeddings:
         return self.table.index(rows).to(self.device, non_blocking=True)
 
     def _add(self, prompts: list[str]) -> None:
-        embeddings = self.encode(prompts).to(torch.device("cpu"))
         self.row.update({prompt: len(self.row) + index for index, prompt in enumerate(prompts)})
-        table = TextEmbedding.cat([self.table, embeddings])
+        self._keep(TextEmbedding.cat([self.table, self.encode(prompts).to(torch.device("cpu"))]))
+
+    def _keep(self, table: TextEmbedding) -> None:
+        """Host memory, pinned when the embeddings go to a GPU."""
+        table = table.to(torch.device("cpu"))
         self.table = table.pin_memory() if self.device.type == "cuda" else table

@@ -246,9 +246,7 @@ class Trainer:
             outputs.append(self.rewards(images, prompts[start:stop], metadata[start:stop]))
             if keep_images:
                 kept.append(images)
-        extras = {key: torch.cat([o.extras[key] for o in outputs]) for key in outputs[0].extras}
-        rewards = RewardOutput(torch.cat([o.score for o in outputs]), extras)
-        return rewards, torch.cat(kept) if keep_images else None
+        return RewardOutput.cat(outputs), torch.cat(kept) if keep_images else None
 
     def iteration_text(self, prompts: list[str], image_groups: Tensor) -> TextEmbedding:
         """The conditioning of each image (image_groups: its prompt's row in prompts), reused by
@@ -457,37 +455,13 @@ class Trainer:
                         v_ref = self.velocity_fn(ref, text, 1.0)(x_t, t)
         with self.policies.role("trained"):
             v_theta = self.velocity_fn(self.policies.grad_module, text, 1.0)(x_t, t)
+        options = dict(
+            beta=nft.beta, v_ref=v_ref, kl_coef=nft.kl_coef, adv_clip_max=nft.adv_clip_max,
+            loss_space=nft.loss_space, eps=nft.eps,
+        )  # fmt: skip
         if nft.loss_backend == "reference":  # the reference code's eager loss, adaptive weights in float64
-            return nft_loss_torch(
-                v_theta,
-                v_old,
-                x0,
-                noise,
-                t,
-                r,
-                beta=nft.beta,
-                v_ref=v_ref,
-                kl_coef=nft.kl_coef,
-                adv_clip_max=nft.adv_clip_max,
-                loss_space=nft.loss_space,
-                eps=nft.eps,
-                weight_dtype=torch.float64,
-            )
-        return nft_loss(
-            v_theta,
-            v_old,
-            x0,
-            noise,
-            t,
-            r,
-            beta=nft.beta,
-            v_ref=v_ref,
-            kl_coef=nft.kl_coef,
-            adv_clip_max=nft.adv_clip_max,
-            loss_space=nft.loss_space,
-            eps=nft.eps,
-            backend=nft.loss_backend,
-        )
+            return nft_loss_torch(v_theta, v_old, x0, noise, t, r, **options, weight_dtype=torch.float64)
+        return nft_loss(v_theta, v_old, x0, noise, t, r, **options, backend=nft.loss_backend)
 
     def optimizer_step(self) -> float:
         """Clip, step, zero the gradients, then the EMA step; returns the pre-clip grad norm."""

@@ -17,6 +17,12 @@ class RewardOutput:
     score: Tensor  # [B]
     extras: dict[str, Tensor] = field(default_factory=dict)  # each [B], e.g. "accuracy"
 
+    @staticmethod
+    def cat(parts: list[RewardOutput]) -> RewardOutput:
+        """Batches' outputs joined in order."""
+        extras = {key: torch.cat([part.extras[key] for part in parts]) for key in parts[0].extras}
+        return RewardOutput(torch.cat([part.score for part in parts]), extras)
+
 
 class Reward(ABC):
     """A scorer; subclasses take their options as keyword arguments."""

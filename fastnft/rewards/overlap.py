@@ -46,5 +46,4 @@ class OverlappedScoring:
             outputs = [future.result() for future in self.futures]
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        extras = {key: torch.cat([o.extras[key] for o in outputs]) for key in outputs[0].extras}
-        return RewardOutput(torch.cat([o.score for o in outputs]), extras)
+        return RewardOutput.cat(outputs)
