@@ -69,6 +69,7 @@ SWITCHES = {
     "vae_channels_last": Switch("model.vae_channels_last", True, False, "vae_memory_format"),
     "fused_adamw": Switch("optim.fused", True, False, "optimizer"),
     "batch_old_ref": Switch("nft.batch_old_ref", True, False, "transformer_calls_per_pair"),
+    "rollout_cuda_graphs": Switch("rollout.cuda_graphs", True, False, "rollout_cuda_graphs", cuda_only=True),
 }
 
 
@@ -166,7 +167,17 @@ def observe(trainer: Trainer) -> dict[str, Any]:
         "attention": sorted(set(trainer.attention.values())),
         "vae_memory_format": vae_memory_format(trainer),
         "optimizer": f"{type(optimizer).__name__}" + (" (fused)" if optimizer.defaults.get("fused") else ""),
+        "rollout_cuda_graphs": rollout_graph_state(trainer),
     }
+
+
+def rollout_graph_state(trainer: Trainer) -> str:
+    """Whether the rollout ran under CUDA graphs: the wrappers built, and inductor's count of
+    graphs it refused to record (a skip leaves the rollout eager)."""
+    if not trainer.rollout_graphs:
+        return "off"
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    return f"{len(trainer.rollout_graphs)} module(s), {skips} cudagraph skip(s)"
 
 
 def count_iteration(trainer: Trainer) -> dict[str, float]:

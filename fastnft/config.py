@@ -78,6 +78,7 @@ class RolloutConfig:
     sde_noise_level: float = 0.7
     guidance_scale: float = 1.0  # 1.0 = CFG-free; guidance only ever applies to rollouts and eval
     overlap_reward: bool = False  # decode and score each batch on a worker while the next one samples
+    cuda_graphs: bool = False  # GPU: the sampler's transformer forwards replayed as CUDA graphs
 
 
 @dataclass
@@ -479,6 +480,11 @@ def validate(config: Config, base: Path) -> None:
         config.dist.strategy != "fsdp2" or not config.lora.enabled,
         "dist.strategy",
         "fsdp2 shards full fine-tuning (lora.enabled: false); LoRA trains with ddp",
+    )
+    _require(
+        not config.rollout.cuda_graphs or config.dist.strategy != "fsdp2",
+        "rollout.cuda_graphs",
+        "cannot capture FSDP2's all-gathers: use dist.strategy ddp or turn the graphs off",
     )
     _require(not config.optim.fused or config.optim.name == "adamw", "optim.fused", "applies to optim.name adamw only")
     _require(

@@ -43,7 +43,7 @@ from fastnft.rewards.overlap import OverlappedScoring
 from fastnft.rng import generator, keyed_randn
 from fastnft.sampling import sample, timestep_grid
 from fastnft.schedules import ema_decay, old_policy_eta
-from fastnft.speed import apply_attention, apply_compile
+from fastnft.speed import CudaGraphRollout, apply_attention, apply_compile
 from fastnft.text_cache import PromptEmbeddings
 from fastnft_kernels import nft_loss, nft_loss_torch
 
@@ -101,6 +101,9 @@ class Trainer:
         self.compiled_blocks = 0
         if config.compile.enabled:
             self.compiled_blocks = sum(apply_compile(module, config.compile) for module in self.policies.modules())
+        if config.rollout.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError(f"rollout.cuda_graphs: CUDA graphs need a CUDA device; this run is on {self.device}")
+        self.rollout_graphs: dict[int, CudaGraphRollout] = {}  # by id of the old policy's module
         self.optimizer = build_optimizer(config.optim, list(self.policies.trained_parameters().values()))
         reference_precision = config.model.precision == "reference" and self.device.type == "cuda"
         self.autocast_dtype = torch.float16 if reference_precision else None
@@ -192,7 +195,7 @@ class Trainer:
 
     def rollout(
         self,
-        module: nn.Module,
+        module: nn.Module | CudaGraphRollout,
         text: TextEmbedding,
         *,
         indices: list[int],
@@ -278,6 +281,15 @@ class Trainer:
             iteration, prompts, [self.train_prompts.metadata[i] for i in chosen], groups, self.image_indices
         )
 
+    def rollout_module(self, old: nn.Module) -> nn.Module | CudaGraphRollout:
+        """The old policy's module as the rollout sampler calls it: under CUDA graphs with
+        rollout.cuda_graphs (one wrapper per module, kept for the run)."""
+        if not self.config.rollout.cuda_graphs:
+            return old
+        if id(old) not in self.rollout_graphs:
+            self.rollout_graphs[id(old)] = CudaGraphRollout(old)
+        return self.rollout_graphs[id(old)]
+
     def roll_out(
         self, batch: IterationBatch, on_batch: Callable[[Tensor, list[int]], None] | None = None
     ) -> tuple[Tensor, TextEmbedding]:
@@ -286,7 +298,7 @@ class Trainer:
         text = self.iteration_text(batch.prompts, batch.my_groups)
         with self.policies.role("old") as old:
             x0 = self.rollout(
-                old,
+                self.rollout_module(old),
                 text,
                 seed=config.seed,
                 iteration=batch.iteration,

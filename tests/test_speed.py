@@ -73,3 +73,56 @@ def test_regional_compile_is_warm_after_the_first_iteration(monkeypatch):
     eager_row = eager.run_iteration()
     assert compiled_row["loss"] == pytest.approx(eager_row["loss"], rel=1e-4)
     torch._dynamo.reset()
+
+
+def rollout_twice(trainer: Trainer) -> list[torch.Tensor]:
+    return [trainer.roll_out(trainer.iteration_batch(iteration))[0] for iteration in (0, 1)]
+
+
+def test_rollout_graph_wrapper_keeps_the_samples_and_is_built_once(monkeypatch):
+    """CPU counterpart of the CUDA-graph rollout: the same wrapper, compiled without graphs."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    import fastnft.trainer
+    from fastnft.speed import CudaGraphRollout
+
+    torch._dynamo.reset()
+    eager = rollout_twice(Trainer(tiny_config(["eval.every=0"]), progress=False))
+    monkeypatch.setattr(fastnft.trainer, "CudaGraphRollout", functools.partial(CudaGraphRollout, backend="aot_eager"))
+    trainer = Trainer(tiny_config(["eval.every=0"]), progress=False)
+    trainer.config.rollout.cuda_graphs = True  # the config refuses it on CPU; the wrapper itself runs anywhere
+    wrapped = rollout_twice(trainer)
+    assert counters["stats"]["unique_graphs"] > 0  # the rollout did go through the compiled wrapper
+    assert len(trainer.rollout_graphs) == 1  # one wrapper for the old policy, reused by both rollouts
+    (wrapper,) = trainer.rollout_graphs.values()
+    with trainer.policies.role("old") as old:
+        assert wrapper.module is old
+    for first, second in zip(eager, wrapped, strict=True):
+        torch.testing.assert_close(second, first, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_rollout_cuda_graphs_are_refused_without_a_gpu_or_with_fsdp2(tmp_path, capsys):
+    if not torch.cuda.is_available():
+        assert main(["train", str(TINY_CONFIG), "--out", str(tmp_path / "cpu"), "rollout.cuda_graphs=true"]) == 2
+        assert "rollout.cuda_graphs: CUDA graphs need a CUDA device" in capsys.readouterr().err
+    fsdp2 = ["rollout.cuda_graphs=true", "dist.strategy=fsdp2", "lora.enabled=false"]
+    assert main(["train", str(TINY_CONFIG), "--out", str(tmp_path / "fsdp2"), *fsdp2]) == 2
+    assert "rollout.cuda_graphs: cannot capture FSDP2" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_rollout_under_cuda_graphs_matches_eager_and_records_graphs():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    overrides = ["eval.every=0", "device=cuda"]
+    eager = rollout_twice(Trainer(tiny_config(overrides), progress=False))
+    trainer = Trainer(tiny_config([*overrides, "rollout.cuda_graphs=true"]), progress=False)
+    graphed = rollout_twice(trainer)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    for first, second in zip(eager, graphed, strict=True):
+        torch.testing.assert_close(second, first, rtol=1e-3, atol=1e-3)
+    torch._dynamo.reset()

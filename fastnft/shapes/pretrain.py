@@ -2,6 +2,7 @@
 with caption dropout so that classifier-free guidance works.
 
     fastnft pretrain shapes [--out DIR] [--steps N] [--batch-size B] [--lr LR] [--seed S]
+                            [--caption-dropout P]
 
 Writes DIR/transformer/, DIR/text_encoder/, DIR/tokenizer/ (the EMA weights, stored in bf16) and
 DIR/recipe.json (the arguments, the measured accuracies, and a SHA-256 of every weight file).
@@ -135,10 +136,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--caption-dropout", type=float, default=0.1, help="share of captions replaced by ''")
     parser.add_argument("--save-every", type=int, default=1000, help="steps between saves of the EMA model")
     args = parser.parse_args(argv)
     recipe = pretrain(
-        args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        dropout=args.caption_dropout,
+        save_every=args.save_every,
     )
     print(json.dumps(recipe, indent=2))
     return 0
