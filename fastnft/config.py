@@ -97,7 +97,9 @@ class NFTConfig:
 
 @dataclass
 class OldPolicyConfig:
-    schedule: int = 1  # 0: eta = 0; 1: min(0.001 i, 0.5); 2: 0 for i < 75, then min(0.0075 (i - 75), 0.999)
+    schedule: int = 1  # 0: eta = 0; 1: min(eta_rate i, eta_max); 2: 0 for i < 75, then min(0.0075 (i - 75), 0.999)
+    eta_rate: float = 0.001  # schedule 1: eta's growth per optimizer step
+    eta_max: float = 0.5  # schedule 1: eta's ceiling
 
 
 @dataclass
@@ -409,6 +411,14 @@ def validate(config: Config, base: Path) -> None:
         "logging.sample_grid_every",
     ]:
         _require(_get(config, name) >= 0, name, f"must be >= 0; got {_get(config, name)!r}")
+    _require(
+        config.old_policy.eta_rate >= 0, "old_policy.eta_rate", f"must be >= 0; got {config.old_policy.eta_rate!r}"
+    )
+    _require(
+        0 <= config.old_policy.eta_max < 1,
+        "old_policy.eta_max",
+        f"must be in [0, 1); got {config.old_policy.eta_max!r}",
+    )
     _require(config.rollout.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare within a group)")
     _require(0 < config.nft.timestep_fraction <= 1, "nft.timestep_fraction", "must be in (0, 1]")
     _require(

@@ -13,12 +13,13 @@ import torch
 from torch import Tensor
 
 
-def old_policy_eta(schedule: int, step: int) -> float:
-    """The old policy's decay eta after `step` optimizer steps."""
+def old_policy_eta(schedule: int, step: int, rate: float = 0.001, maximum: float = 0.5) -> float:
+    """The old policy's decay eta after `step` optimizer steps; schedule 1 ramps at `rate` per
+    step up to `maximum` (the reference: 0.001 and 0.5)."""
     if schedule == 0:
         return 0.0
     if schedule == 1:
-        return min(0.001 * step, 0.5)
+        return min(rate * step, maximum)
     if schedule == 2:
         return 0.0 if step < 75 else min(0.0075 * (step - 75), 0.999)
     raise ValueError(f"old_policy.schedule must be 0, 1 or 2, got {schedule}")

@@ -365,7 +365,8 @@ class Trainer:
         self.last_rollout = (x0[:16], [batch.prompts[g] for g in batch.my_groups[:16].tolist()])  # sample grids
         probability = optimality.probability[batch.mine].to(self.device)
         train_metrics = self.train(x0, text, probability, iteration, batch.mine)
-        eta = old_policy_eta(config.old_policy.schedule, self.optimizer_steps)
+        old = config.old_policy
+        eta = old_policy_eta(old.schedule, self.optimizer_steps, old.eta_rate, old.eta_max)
         self.policies.update_old_policy(eta)
         self.iteration += 1
         self.in_iteration = False

@@ -56,6 +56,8 @@ def test_yaml_and_overrides_combine_and_paths_resolve_next_to_the_config(tmp_pat
         ("lora.enabled=maybe", "lora.enabled: expected bool"),
         ("nft=3", "nft: expected a mapping"),
         ("novalue", "novalue: overrides are written key=value"),
+        ("old_policy.eta_max=1", "old_policy.eta_max: must be in [0, 1)"),
+        ("old_policy.eta_rate=-0.1", "old_policy.eta_rate: must be >= 0"),
     ],
 )
 def test_bad_values_name_their_field(prompt_file, override, field):

@@ -12,6 +12,12 @@ def test_schedule_one():
     assert old_policy_eta(1, 500) == 0.5 and old_policy_eta(1, 10_000) == 0.5
 
 
+def test_schedule_one_with_its_own_rate_and_ceiling():
+    assert old_policy_eta(1, 10, rate=0.01, maximum=0.4) == pytest.approx(0.1)
+    assert old_policy_eta(1, 50, rate=0.01, maximum=0.4) == pytest.approx(0.4)
+    assert old_policy_eta(2, 76, rate=0.01, maximum=0.4) == pytest.approx(0.0075)  # schedule 2 ignores them
+
+
 def test_schedule_two_and_zero():
     assert old_policy_eta(2, 74) == 0.0
     assert old_policy_eta(2, 75) == 0.0

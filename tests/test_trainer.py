@@ -107,14 +107,17 @@ def test_a_checkpoint_killed_before_its_rename_is_ignored(tmp_path):
     assert not half_written.exists()
 
 
-def test_soft_update_ema_and_step_counting_after_one_iteration():
-    trainer = Trainer(tiny_config(), progress=False)
+@pytest.mark.parametrize(
+    ("overrides", "expected_eta"), [([], 0.001), (["old_policy.eta_rate=0.4", "old_policy.eta_max=0.25"], 0.25)]
+)
+def test_soft_update_ema_and_step_counting_after_one_iteration(overrides, expected_eta):
+    trainer = Trainer(tiny_config(overrides), progress=False)
     before = snapshot(trainer)
-    trainer.run_iteration()
+    row = trainer.run_iteration()
     after = snapshot(trainer)
     assert trainer.optimizer_steps == 1
-    eta, decay = old_policy_eta(1, 1), ema_decay(1)
-    assert eta == pytest.approx(0.001) and decay == pytest.approx(2 / 11)
+    eta, decay = row["eta"], ema_decay(1)
+    assert eta == pytest.approx(expected_eta) and decay == pytest.approx(2 / 11)
     assert any(not torch.equal(after["trained"][n], before["trained"][n]) for n in after["trained"])
     for name, theta in after["trained"].items():
         assert torch.equal(after["ema"][name], torch.lerp(before["ema"][name], theta.float(), 1 - decay))
