@@ -84,6 +84,8 @@ class Trainer:
         self.world = init_world(config)
         check_recipe(config, self.world)
         self.device = resolve_device(config.device, self.world)
+        if config.rollout.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError(f"rollout.cuda_graphs: CUDA graphs need a CUDA device; this run is on {self.device}")
         self.progress = (config.logging.progress if progress is None else progress) and self.world.is_main
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -101,8 +103,6 @@ class Trainer:
         self.compiled_blocks = 0
         if config.compile.enabled:
             self.compiled_blocks = sum(apply_compile(module, config.compile) for module in self.policies.modules())
-        if config.rollout.cuda_graphs and self.device.type != "cuda":
-            raise ConfigError(f"rollout.cuda_graphs: CUDA graphs need a CUDA device; this run is on {self.device}")
         self.rollout_graphs: dict[int, CudaGraphRollout] = {}  # by id of the old policy's module
         self.optimizer = build_optimizer(config.optim, list(self.policies.trained_parameters().values()))
         reference_precision = config.model.precision == "reference" and self.device.type == "cuda"
