@@ -172,12 +172,11 @@ def observe(trainer: Trainer) -> dict[str, Any]:
 
 
 def rollout_graph_state(trainer: Trainer) -> str:
-    """Whether the rollout ran under CUDA graphs: the wrappers built, and inductor's count of
-    graphs it refused to record (a skip leaves the rollout eager)."""
-    if not trainer.rollout_graphs:
+    """Whether the rollout runs under CUDA graphs, with inductor's count of graphs it refused to
+    record (a skip leaves that forward eager)."""
+    if trainer.rollout_graph is None:
         return "off"
-    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
-    return f"{len(trainer.rollout_graphs)} module(s), {skips} cudagraph skip(s)"
+    return f"on, {torch._dynamo.utils.counters['inductor']['cudagraph_skips']} cudagraph skip(s)"
 
 
 def count_iteration(trainer: Trainer) -> dict[str, float]:

@@ -409,11 +409,9 @@ def validate(config: Config, base: Path) -> None:
         "checkpoint.every",
         "rollout.sde_noise_level",
         "logging.sample_grid_every",
+        "old_policy.eta_rate",
     ]:
         _require(_get(config, name) >= 0, name, f"must be >= 0; got {_get(config, name)!r}")
-    _require(
-        config.old_policy.eta_rate >= 0, "old_policy.eta_rate", f"must be >= 0; got {config.old_policy.eta_rate!r}"
-    )
     _require(
         0 <= config.old_policy.eta_max < 1,
         "old_policy.eta_max",

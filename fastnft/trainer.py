@@ -103,7 +103,10 @@ class Trainer:
         self.compiled_blocks = 0
         if config.compile.enabled:
             self.compiled_blocks = sum(apply_compile(module, config.compile) for module in self.policies.modules())
-        self.rollout_graphs: dict[int, CudaGraphRollout] = {}  # by id of the old policy's module
+        self.rollout_graph: CudaGraphRollout | None = None  # the old policy's module under CUDA graphs
+        if config.rollout.cuda_graphs:
+            with self.policies.role("old") as old:
+                self.rollout_graph = CudaGraphRollout(old)
         self.optimizer = build_optimizer(config.optim, list(self.policies.trained_parameters().values()))
         reference_precision = config.model.precision == "reference" and self.device.type == "cuda"
         self.autocast_dtype = torch.float16 if reference_precision else None
@@ -281,15 +284,6 @@ class Trainer:
             iteration, prompts, [self.train_prompts.metadata[i] for i in chosen], groups, self.image_indices
         )
 
-    def rollout_module(self, old: nn.Module) -> nn.Module | CudaGraphRollout:
-        """The old policy's module as the rollout sampler calls it: under CUDA graphs with
-        rollout.cuda_graphs (one wrapper per module, kept for the run)."""
-        if not self.config.rollout.cuda_graphs:
-            return old
-        if id(old) not in self.rollout_graphs:
-            self.rollout_graphs[id(old)] = CudaGraphRollout(old)
-        return self.rollout_graphs[id(old)]
-
     def roll_out(
         self, batch: IterationBatch, on_batch: Callable[[Tensor, list[int]], None] | None = None
     ) -> tuple[Tensor, TextEmbedding]:
@@ -298,7 +292,7 @@ class Trainer:
         text = self.iteration_text(batch.prompts, batch.my_groups)
         with self.policies.role("old") as old:
             x0 = self.rollout(
-                self.rollout_module(old),
+                old if self.rollout_graph is None else self.rollout_graph,
                 text,
                 seed=config.seed,
                 iteration=batch.iteration,

@@ -44,6 +44,6 @@ def test_a_short_run_raises_the_reward_where_a_zero_learning_rate_run_does_not()
             trainer.run_iteration()
         after = trainer.evaluate(trainer.eval_prompts, use_ema=False, keep=[])[0]["eval_reward_mean"]
         gains[lr] = after - before
-    margin = 0.05  # measured: about +0.2 at lr 1e-4 after 6 iterations; exactly 0 at lr 0
+    margin = 0.05  # measured with the default config: +0.137 at lr 1e-4 after 5 iterations; exactly 0 at lr 0
     assert gains[1e-4] > margin
     assert gains[0.0] < margin
