@@ -1,10 +1,11 @@
 """Checkpoints of the full training state through torch.distributed.checkpoint (DCP).
 
-A checkpoint holds the trained weights (LoRA adapter or full), the old policy, the EMA, the
-optimizer (and GradScaler) state, the iteration, optimizer-step count, prompt position and config.
-No RNG state: every random draw is keyed by (seed, iteration, image, purpose). Each checkpoint is
-written to a temporary directory and renamed into place, so a run killed mid-write resumes from
-the previous one; `keep_last` prunes older ones.
+A checkpoint is a dict of Stateful parts (the trainer's `checkpoint_parts`: the policies'
+trained, old and EMA weights, the update's optimizer, GradScaler and step count, the iteration);
+the config sits beside it in the run directory. No RNG state: every random draw is keyed by
+(seed, iteration, image, purpose). Each checkpoint is written to a temporary directory and
+renamed into place, so a run killed mid-write resumes from the previous one; `keep_last` prunes
+older ones.
 """
 
 from __future__ import annotations
@@ -15,19 +16,31 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.stateful import Stateful
 
-from fastnft.distributed import barrier, full_state_dict
+from fastnft.distributed import World, barrier, full_state_dict
+from fastnft.models import ModelAdapter
+from fastnft.policy import LoraPolicies, Policies
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+class Progress:
+    """The run's position, a checkpoint part: the number of completed iterations."""
+
+    def __init__(self) -> None:
+        self.iteration = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.iteration = int(state["iteration"])
+
+
 NAME = re.compile(r"^iteration_(\d{6})$")
 
 
@@ -61,39 +74,19 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
-def _training_state(trainer: Any) -> dict[str, Any]:
-    """The state DCP saves and loads in place (tensors alias the live ones)."""
-    policies = trainer.policies
-    options = StateDictOptions(ignore_frozen_params=True)
-    state = {
-        "trained": {name: p.detach() for name, p in policies.trained_parameters().items()},
-        "old": {name: p.detach() for name, p in policies.old_parameters().items()},
-        "ema": policies.ema,
-        "optimizer": get_optimizer_state_dict(policies.transformer, trainer.optimizer, options=options),
-        "meta": {
-            "iteration": trainer.iteration,
-            "optimizer_steps": trainer.optimizer_steps,
-            "prompt_position": trainer.iteration * trainer.config.rollout.groups,
-        },
-    }
-    if trainer.grad_scaler is not None:
-        state["grad_scaler"] = trainer.grad_scaler.state_dict()
-    return state
-
-
-def save_checkpoint(trainer: Any, run_dir: Path, keep_last: int) -> Path:
-    """Every rank writes its shards (one directory on a filesystem all ranks share); rank 0
-    renames it into place and prunes."""
-    world = trainer.world
+def save_checkpoint(parts: dict[str, Stateful], run_dir: Path, iteration: int, world: World, keep_last: int) -> Path:
+    """Saves every part's state_dict as checkpoints/iteration_NNNNNN. Every rank writes its
+    shards (one directory on a filesystem all ranks share); rank 0 renames it into place and
+    prunes."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    final = root / checkpoint_name(trainer.iteration)
+    final = root / checkpoint_name(iteration)
     temporary = root / f".tmp-{final.name}"
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)
     barrier(world)
     with _quiet_single_process():
-        dcp.save(_training_state(trainer), checkpoint_id=str(temporary), no_dist=_single_process())
+        dcp.save(dict(parts), checkpoint_id=str(temporary), no_dist=_single_process())
     barrier(world)
     if world.is_main:
         if final.exists():
@@ -105,22 +98,14 @@ def save_checkpoint(trainer: Any, run_dir: Path, keep_last: int) -> Path:
     return final
 
 
-def load_checkpoint(trainer: Any, path: Path) -> None:
-    """Restores the training state of `trainer` in place from the checkpoint at path."""
-    state = _training_state(trainer)
+def load_checkpoint(parts: dict[str, Stateful], path: Path) -> None:
+    """Restores each part in place (DCP calls its load_state_dict); a checkpoint may hold more
+    parts than asked for (inference loads the policies alone)."""
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), no_dist=_single_process())
-    options = StateDictOptions(ignore_frozen_params=True)
-    set_optimizer_state_dict(
-        trainer.policies.transformer, trainer.optimizer, optim_state_dict=state["optimizer"], options=options
-    )
-    if trainer.grad_scaler is not None:
-        trainer.grad_scaler.load_state_dict(state["grad_scaler"])
-    trainer.iteration = int(state["meta"]["iteration"])
-    trainer.optimizer_steps = int(state["meta"]["optimizer_steps"])
+        dcp.load(dict(parts), checkpoint_id=str(path), no_dist=_single_process())
 
 
-def export_weights(trainer: Any, directory: Path) -> Path:
+def export_weights(policies: Policies, model: ModelAdapter, world: World, directory: Path) -> Path:
     """Writes the EMA weights under directory (rank 0): a LoRA in the layout the model family's
     diffusers pipeline loads with `load_lora_weights`, or the full transformer as
     `from_pretrained` loads it (gathered from the shards under FSDP2)."""
@@ -128,19 +113,18 @@ def export_weights(trainer: Any, directory: Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     directory = Path(directory)
-    is_main = trainer.world.is_main
-    with trainer.policies.ema_weights() as module:
-        if not trainer.config.lora.enabled:
-            state = full_state_dict(module, trainer.world)  # collective under FSDP2
-            if is_main:
+    with policies.ema_weights() as module:
+        if not isinstance(policies, LoraPolicies):
+            state = full_state_dict(module, world)  # collective under FSDP2
+            if world.is_main:
                 module.save_config(directory / "transformer")
                 pattern = "diffusion_pytorch_model{suffix}.safetensors"
                 save_torch_state_dict(state, directory / "transformer", filename_pattern=pattern)
             return directory / "transformer"
-        if not is_main:
+        if not world.is_main:
             return directory
         directory.mkdir(parents=True, exist_ok=True)
         lora = get_peft_model_state_dict(module, adapter_name="default")
         lora = {name: t.detach().float().contiguous().clone() for name, t in lora.items()}
         metadata = module.peft_config["default"].to_dict()
-    return trainer.model.save_lora(directory, lora, metadata)
+    return model.save_lora(directory, lora, metadata)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from fastnft.config import Config, ConfigError, load_config, to_dict
+from fastnft.prompts import PromptSet
 
 EXIT_CONFIG_ERROR = 2
 
@@ -114,21 +115,17 @@ def _run_dir_of(checkpoint: Path) -> tuple[Path, Path | None]:
     return checkpoint, latest_checkpoint(checkpoint)
 
 
-def _load_for_inference(checkpoint: Path):
-    from fastnft.checkpoint import load_checkpoint
-    from fastnft.trainer import Trainer
+def _load_for_inference(checkpoint: Path, prompts: PromptSet, *, with_rewards: bool):
+    from fastnft.inference import load_evaluator
 
     run_dir, path = _run_dir_of(checkpoint)
     if path is None:
         raise ConfigError(f"checkpoint: {run_dir} has no checkpoint yet")
-    trainer = Trainer(load_config(run_dir / "config.yaml"))
-    load_checkpoint(trainer, path)
-    return trainer, run_dir
+    config = load_config(run_dir / "config.yaml")
+    return (config, run_dir, *load_evaluator(config, path, prompts, with_rewards=with_rewards))
 
 
-def _prompt_set(text_or_file: str | Path):
-    from fastnft.prompts import PromptSet
-
+def _prompt_set(text_or_file: str | Path) -> PromptSet:
     path = Path(text_or_file)
     if path.suffix in (".txt", ".jsonl"):
         if not path.is_file():
@@ -140,12 +137,12 @@ def _prompt_set(text_or_file: str | Path):
 def command_sample(args: argparse.Namespace) -> int:
     from fastnft.visual import save_grid, to_pil
 
-    trainer, run_dir = _load_for_inference(args.checkpoint)
     prompts = _prompt_set(args.prompts)
-    guidance = trainer.config.eval.guidance_scale if args.cfg is None else args.cfg
+    config, run_dir, evaluator, world, _ = _load_for_inference(args.checkpoint, prompts, with_rewards=False)
+    guidance = config.eval.guidance_scale if args.cfg is None else args.cfg
     out = args.out or run_dir / "samples" / "sample"
-    _, images = trainer.evaluate(prompts, guidance_scale=guidance)
-    if not trainer.world.is_main:
+    images = evaluator.images(prompts, guidance_scale=guidance)
+    if not world.is_main:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
@@ -156,16 +153,18 @@ def command_sample(args: argparse.Namespace) -> int:
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    trainer, run_dir = _load_for_inference(args.checkpoint)
-    prompt_file = args.prompts or trainer.config.prompts.eval
+    run_dir, _ = _run_dir_of(args.checkpoint)
+    prompt_file = args.prompts or load_config(run_dir / "config.yaml").prompts.eval
     if prompt_file is None:
         raise ConfigError("--prompts: the run has no prompts.eval; name a prompt file")
-    metrics, _ = trainer.evaluate(_prompt_set(prompt_file), keep=[])
-    if not trainer.world.is_main:
+    prompts = _prompt_set(prompt_file)
+    _, run_dir, evaluator, world, iteration = _load_for_inference(args.checkpoint, prompts, with_rewards=True)
+    metrics, _ = evaluator(prompts, keep=[])
+    if not world.is_main:
         return 0
     out = args.out or run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"iteration": trainer.iteration, **metrics}, indent=2) + "\n")
+    (out / "eval.json").write_text(json.dumps({"iteration": iteration, **metrics}, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -1,6 +1,10 @@
 """The configuration: one typed dataclass tree, loaded from YAML plus dotted `key=value` overrides
 and validated before anything is loaded. Defaults are the reference recipe (docs/config.md).
 
+The rules of a single field live on the field itself, so each is written once: its allowed values
+as `Literal[...]`, its bounds as `Annotated[..., Range(...)]`; the converter checks both (and that
+every float is finite). `validate` keeps the rules that span fields or look at the filesystem.
+
 Every error is a ConfigError whose message names the field (`nft.beta`), so the CLI can print
 one line and exit with code 2.
 """
@@ -8,11 +12,12 @@ one line and exit with code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -21,33 +26,74 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
 
-# The default LoRA targets of the SD3 family: its eight joint-attention projections.
-JOINT_ATTENTION_PROJECTIONS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
+# ---------------------------------------------------------------- rules written on the fields
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a number may lie (None: no limit on that side), written on the field as
+    `Annotated[float, Range(...)]` so that the bound sits next to what it bounds; `note` says why."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+    def check(self, value: float, path: str) -> None:
+        if value not in self:
+            note = f" ({self.note})" if self.note else ""
+            raise ConfigError(f"{path}: must be {self}{note}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Length:
+    """How many items a list (or characters a string) must hold: `exactly` that many, or (None)
+    at least one."""
+
+    exactly: int | None = None
+
+    def check(self, value: typing.Sized, path: str) -> None:
+        if self.exactly is None and not value:
+            raise ConfigError(f"{path}: must not be empty")
+        if self.exactly is not None and len(value) != self.exactly:
+            raise ConfigError(f"{path}: must hold exactly {self.exactly} items; got {value!r}")
+
+
+Positive = Annotated[int, Range(0, low_open=True)]
+NonNegative = Annotated[int, Range(0)]
+PositiveFloat = Annotated[float, Range(0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+Guidance = Annotated[float, Range(1, note="1 = no guidance")]
+Sampler = Literal["dpm2m", "euler", "sde"]
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "sd3"  # the model adapter: sd3 (latent, CLIP-L + CLIP-G + T5) or sd3-pixel (one encoder)
+    kind: Literal["sd3", "sd3-pixel"] = "sd3"  # the model adapter; sd3-pixel: pixel space, one text encoder
     path: str | None = None  # a local pipeline directory (model_index.json, transformer/, vae/, ...)
     component_paths: dict[str, str] = field(default_factory=dict)  # per-component overrides, e.g. {"vae": DIR}
     preset: str | None = None  # build random-init components from a named preset instead of loading
-    resolution: int = 512
-    clip_max_length: int = 77
-    t5_max_length: int = 128
-    precision: str = "bf16"  # frozen weights: bf16 | fp32 | reference (fp32, + fp16 autocast on GPU)
+    resolution: Positive = 512
+    clip_max_length: Positive = 77
+    t5_max_length: Positive = 128
+    precision: Literal["bf16", "fp32", "reference"] = "bf16"  # frozen weights; reference: fp32 + fp16 autocast
     gradient_checkpointing: bool = False
-    attention: str = "sdpa"  # sdpa | sdpa-cudnn | sdpa-flash | sdpa-efficient | sdpa-math | flash-attn
+    attention: Literal["sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash-attn"] = "sdpa"
     init_lora: str | None = None  # warm start from a LoRA safetensors file (not a resume)
-    text_encoding: str = "per_prompt"  # per_image (reference code) | per_prompt (once per iteration) | cached
+    text_encoding: Literal["per_image", "per_prompt", "cached"] = "per_prompt"  # per_image: the reference code's
     offload_text_encoders: bool = False  # with text_encoding cached: text encoders leave the GPU after caching
     vae_channels_last: bool = False  # the VAE in channels_last memory format
 
@@ -55,9 +101,9 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = True  # false: full fine-tuning with frozen old (and reference) copies
-    rank: int = 32
-    alpha: int = 64
-    init: str = "gaussian"
+    rank: Positive = 32
+    alpha: Positive = 64
+    init: Literal["gaussian", "default"] = "gaussian"  # default: peft's
     target_modules: list[str] = field(default_factory=list)  # empty: the model family's default targets
 
 
@@ -69,82 +115,88 @@ class PromptsConfig:
 
 @dataclass
 class RolloutConfig:
-    groups: int = 48  # prompts per iteration
-    group_size: int = 24  # images per prompt (K)
-    batch_size: int = 24  # images per sampler call
-    sampler: str = "dpm2m"  # dpm2m | euler | sde
-    steps: int = 10
-    shift: float = 3.0
-    sde_noise_level: float = 0.7
-    guidance_scale: float = 1.0  # 1.0 = CFG-free; guidance only ever applies to rollouts and eval
+    groups: Positive = 48  # prompts per iteration
+    group_size: Annotated[int, Range(2, note="advantages compare within a group")] = 24  # images per prompt (K)
+    batch_size: Positive = 24  # images per sampler call
+    sampler: Sampler = "dpm2m"
+    steps: Positive = 10
+    shift: PositiveFloat = 3.0
+    sde_noise_level: NonNegativeFloat = 0.7
+    guidance_scale: Guidance = 1.0  # guidance only ever applies to rollouts and eval
     overlap_reward: bool = False  # decode and score each batch on a worker while the next one samples
     cuda_graphs: bool = False  # GPU: the sampler's transformer forwards replayed as CUDA graphs
 
 
 @dataclass
 class NFTConfig:
-    beta: float = 1.0
-    kl_coef: float = 1e-4
-    adv_clip_max: float = 5.0
-    loss_space: str = "x0"  # x0 (reference code) | velocity (paper)
-    eps: float = 1e-5
-    timestep_fraction: float = 0.99  # train on int(fraction * steps) grid timesteps per image
-    micro_batch_size: int = 9  # per device; the recipe above is global
-    std_scope: str = "global"  # global | group: the std that normalises advantages
+    beta: PositiveFloat = 1.0
+    kl_coef: NonNegativeFloat = 1e-4
+    adv_clip_max: PositiveFloat = 5.0
+    loss_space: Literal["x0", "velocity"] = "x0"  # x0: the reference code's; velocity: the paper's
+    eps: PositiveFloat = 1e-5
+    # train on int(fraction * steps) grid timesteps per image
+    timestep_fraction: Annotated[float, Range(0, 1, low_open=True)] = 0.99
+    micro_batch_size: Positive = 9  # per device; the recipe above is global
+    std_scope: Literal["global", "group"] = "global"  # the std that normalises advantages
     batch_old_ref: bool = False  # LoRA: the no-grad old and reference forwards as one call of 2n rows
-    loss_backend: str = "auto"  # auto | triton | torch (fastnft_kernels.nft_loss) | reference (torch, fp64 weights)
+    # the kernel (fastnft_kernels.nft_loss) backend; reference: the torch path with fp64 weights
+    loss_backend: Literal["auto", "triton", "torch", "reference"] = "auto"
 
 
 @dataclass
 class OldPolicyConfig:
-    schedule: int = 1  # 0: eta = 0; 1: min(eta_rate i, eta_max); 2: 0 for i < 75, then min(0.0075 (i - 75), 0.999)
-    eta_rate: float = 0.001  # schedule 1: eta's growth per optimizer step
-    eta_max: float = 0.5  # schedule 1: eta's ceiling
+    # 0: eta = 0; 1: min(eta_rate i, eta_max); 2: 0 for i < 75, then min(0.0075 (i - 75), 0.999)
+    schedule: Literal[0, 1, 2] = 1
+    eta_rate: NonNegativeFloat = 0.001  # schedule 1: eta's growth per optimizer step
+    eta_max: Annotated[float, Range(0, 1, high_open=True)] = 0.5  # schedule 1: eta's ceiling
 
 
 @dataclass
 class EMAConfig:
     enabled: bool = True
-    max_decay: float = 0.9  # decay min((1 + i) / (10 + i), max_decay)
+    max_decay: Annotated[float, Range(0, 1)] = 0.9  # decay min((1 + i) / (10 + i), max_decay)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adamw8bit-bnb | adamw8bit-torchao
-    lr: float = 3e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 1e-4
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    steps_per_iteration: int = 1
+    name: Literal["adamw", "adamw8bit-bnb", "adamw8bit-torchao"] = "adamw"
+    lr: NonNegativeFloat = 3e-4  # 0 is a legitimate control run
+    betas: Annotated[list[Annotated[float, Range(0, 1, high_open=True)]], Length(2)] = field(
+        default_factory=lambda: [0.9, 0.999]
+    )
+    weight_decay: NonNegativeFloat = 1e-4
+    eps: PositiveFloat = 1e-8
+    grad_clip: NonNegativeFloat = 1.0  # 0: no clipping
+    steps_per_iteration: Positive = 1
     bf16_stochastic_round: bool = False  # torchao only
     fused: bool = False  # torch AdamW's fused implementation (adamw only)
 
 
 @dataclass
 class RewardConfig:
-    name: str = "jpeg_incompressibility"
+    name: Annotated[str, Length()] = "jpeg_incompressibility"
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 10  # iterations; 0 disables
+    every: NonNegative = 10  # iterations; 0 disables
     at_start: bool = False
-    sampler: str = "euler"
-    steps: int = 40
-    guidance_scale: float = 1.0
-    images_per_prompt: int = 1
-    batch_size: int = 16
+    sampler: Sampler = "euler"
+    steps: Positive = 40
+    guidance_scale: Guidance = 1.0
+    images_per_prompt: Positive = 1
+    batch_size: Positive = 16
     seed: int = 1234
-    cfg_scales: list[float] = field(default_factory=list)  # base model with CFG, evaluated once at the start
+    # base model with CFG, evaluated once at the start
+    cfg_scales: list[Annotated[float, Range(1, low_open=True)]] = field(default_factory=list)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 50  # iterations; a checkpoint is always written when a run stops
-    keep_last: int = 2
+    every: NonNegative = 50  # iterations; a checkpoint is always written when a run stops
+    keep_last: Positive = 2
 
 
 @dataclass
@@ -152,13 +204,13 @@ class CompileConfig:
     enabled: bool = False  # regional torch.compile of the transformer blocks
     backend: str = "inductor"
     mode: str | None = None
-    recompile_limit: int = 16  # dynamo's limit, raised to cover the roles (rollout, trained, ref, eval)
+    recompile_limit: Positive = 16  # dynamo's limit, raised to cover the roles (rollout, trained, ref, eval)
 
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    strategy: str = "ddp"  # ddp | fsdp2 (full fine-tuning)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    strategy: Literal["ddp", "fsdp2"] = "ddp"  # fsdp2: full fine-tuning only
 
 
 @dataclass
@@ -166,14 +218,14 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
-    sample_grid_every: int = 10  # iterations; 0 disables
+    sample_grid_every: NonNegative = 10  # iterations; 0 disables
 
 
 @dataclass
 class Config:
     seed: int = 0
-    iterations: int = 1000
-    device: str = "auto"  # auto | cpu | cuda
+    iterations: Positive = 1000
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -183,7 +235,7 @@ class Config:
     old_policy: OldPolicyConfig = field(default_factory=OldPolicyConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    rewards: Annotated[list[RewardConfig], Length()] = field(default_factory=lambda: [RewardConfig()])
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
@@ -199,8 +251,21 @@ def _type_name(annotation: Any) -> str:
 
 
 def _convert(value: Any, annotation: Any, path: str) -> Any:
-    """value (from YAML) as an instance of annotation, or a ConfigError naming path."""
+    """value (from YAML) as an instance of annotation, or a ConfigError naming path: the one place
+    where a field's type, its Literal choices, its Annotated rules and float finiteness are checked."""
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        inner, *rules = typing.get_args(annotation)
+        value = _convert(value, inner, path)
+        for rule in rules:
+            rule.check(value, path)
+        return value
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        for choice in choices:  # type too: True must not pass for 1, nor 1.0 for 1
+            if value == choice and type(value) is type(choice):
+                return choice
+        raise ConfigError(f"{path}: must be one of {', '.join(map(str, choices))}; got {value!r}")
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -229,20 +294,31 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
         return dict(value)
     if annotation is Any:
         return value
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):  # YAML reads 1e-4 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if annotation is float:
+        return _finite(value, path)
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
         raise ConfigError(f"{path}: expected {_type_name(annotation)}, got {value!r}")
     return value
 
 
+def _finite(value: Any, path: str) -> float:
+    """A float field's value as a finite float: .inf or .nan would pass most bounds unnoticed
+    (nan compares false both ways) and poison the run many steps later."""
+    number = value
+    if isinstance(value, str):  # YAML reads 1e-4 as a string
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ConfigError(f"{path}: expected float, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{path}: must be a finite number; got {number!r}")
+    return float(number)
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
@@ -323,32 +399,6 @@ def dump_yaml(config: Config) -> str:
 # ---------------------------------------------------------------- validation
 
 
-CHOICES = {
-    "model.kind": ("sd3", "sd3-pixel"),
-    "model.precision": ("bf16", "fp32", "reference"),
-    "model.text_encoding": ("per_image", "per_prompt", "cached"),
-    "model.attention": ("sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash-attn"),
-    "lora.init": ("gaussian", "default"),
-    "rollout.sampler": ("dpm2m", "euler", "sde"),
-    "eval.sampler": ("dpm2m", "euler", "sde"),
-    "nft.loss_space": ("x0", "velocity"),
-    "nft.std_scope": ("global", "group"),
-    "nft.loss_backend": ("auto", "triton", "torch", "reference"),
-    "old_policy.schedule": (0, 1, 2),
-    "optim.name": ("adamw", "adamw8bit-bnb", "adamw8bit-torchao"),
-    "device": ("auto", "cpu", "cuda"),
-    "dist.backend": ("auto", "nccl", "gloo"),
-    "dist.strategy": ("ddp", "fsdp2"),
-}
-
-
-def _get(config: Config, dotted: str) -> Any:
-    node: Any = config
-    for key in dotted.split("."):
-        node = getattr(node, key)
-    return node
-
-
 def _require(condition: bool, field_name: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{field_name}: {message}")
@@ -371,83 +421,40 @@ def resolve_path(value: str, base: Path) -> Path:
     return base / path
 
 
-def validate(config: Config, base: Path) -> None:
-    """Raises ConfigError naming the first impossible field; relative paths are tried against base."""
-    for name, allowed in CHOICES.items():
-        value = _get(config, name)
-        _require(value in allowed, name, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
-    positive = [
-        "iterations",
-        "model.resolution",
-        "model.clip_max_length",
-        "model.t5_max_length",
-        "lora.rank",
-        "lora.alpha",
-        "rollout.groups",
-        "rollout.batch_size",
-        "rollout.steps",
-        "rollout.shift",
-        "nft.beta",
-        "nft.adv_clip_max",
-        "nft.eps",
-        "nft.micro_batch_size",
-        "optim.steps_per_iteration",
-        "eval.steps",
-        "eval.batch_size",
-        "eval.images_per_prompt",
-        "checkpoint.keep_last",
-        "compile.recompile_limit",
-    ]
-    for name in positive:
-        _require(_get(config, name) > 0, name, f"must be > 0; got {_get(config, name)!r}")
-    for name in [
-        "nft.kl_coef",
-        "optim.lr",  # 0 is a legitimate control run
-        "optim.weight_decay",
-        "optim.grad_clip",
-        "eval.every",
-        "checkpoint.every",
-        "rollout.sde_noise_level",
-        "logging.sample_grid_every",
-        "old_policy.eta_rate",
-    ]:
-        _require(_get(config, name) >= 0, name, f"must be >= 0; got {_get(config, name)!r}")
+def check_recipe(config: Config, world_size: int) -> None:
+    """The one divisibility rule of the global recipe on `world_size` processes: an iteration's
+    rollout.groups x rollout.group_size images run in whole sampler batches and split into
+    optim.steps_per_iteration x world_size equal shares of whole micro-batches
+    (fastnft.distributed.image_shard), so every optimizer step trains on the same images whatever
+    the number of processes. The single-process parts are checked first to name their own field."""
+    images = config.rollout.groups * config.rollout.group_size
+    micro_batch, steps = config.nft.micro_batch_size, config.optim.steps_per_iteration
+    divide_images = f"must divide rollout.groups * rollout.group_size = {images}"
+    _require(images % config.rollout.batch_size == 0, "rollout.batch_size", divide_images)
+    _require(images % micro_batch == 0, "nft.micro_batch_size", divide_images)
     _require(
-        0 <= config.old_policy.eta_max < 1,
-        "old_policy.eta_max",
-        f"must be in [0, 1); got {config.old_policy.eta_max!r}",
+        (images // micro_batch) % steps == 0,
+        "optim.steps_per_iteration",
+        f"must divide the {images // micro_batch} micro-batches of an iteration",
     )
-    _require(config.rollout.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare within a group)")
-    _require(0 < config.nft.timestep_fraction <= 1, "nft.timestep_fraction", "must be in (0, 1]")
+    _require(
+        images % (steps * world_size * micro_batch) == 0,
+        "rollout.groups * rollout.group_size",
+        f"{images} images per iteration do not split into optim.steps_per_iteration ({steps}) x "
+        f"{world_size} processes x nft.micro_batch_size ({micro_batch})",
+    )
+
+
+def validate(config: Config, base: Path) -> None:
+    """Raises ConfigError naming the first impossible field; relative paths are tried against base.
+    The rules of single fields were checked as the config was built (_convert); these span fields
+    or look at the filesystem."""
     _require(
         int(config.nft.timestep_fraction * config.rollout.steps) >= 1,
         "nft.timestep_fraction",
         f"int({config.nft.timestep_fraction} * rollout.steps) trains on no timestep",
     )
-    _require(config.rollout.guidance_scale >= 1, "rollout.guidance_scale", "must be >= 1 (1 = no guidance)")
-    _require(config.eval.guidance_scale >= 1, "eval.guidance_scale", "must be >= 1 (1 = no guidance)")
-    _require(all(s > 1 for s in config.eval.cfg_scales), "eval.cfg_scales", "every scale must be > 1")
-    _require(len(config.optim.betas) == 2, "optim.betas", "must be two numbers")
-    _require(config.optim.eps > 0, "optim.eps", "must be > 0")
-    images = config.rollout.groups * config.rollout.group_size
-    _require(
-        images % config.nft.micro_batch_size == 0,
-        "nft.micro_batch_size",
-        f"must divide rollout.groups * rollout.group_size = {images}",
-    )
-    _require(
-        images % config.rollout.batch_size == 0,
-        "rollout.batch_size",
-        f"must divide rollout.groups * rollout.group_size = {images}",
-    )
-    _require(
-        (images // config.nft.micro_batch_size) % config.optim.steps_per_iteration == 0,
-        "optim.steps_per_iteration",
-        f"must divide the {images // config.nft.micro_batch_size} micro-batches of an iteration",
-    )
-    _require(bool(config.rewards), "rewards", "name at least one reward")
-    for index, reward in enumerate(config.rewards):
-        _require(bool(reward.name), f"rewards[{index}].name", "must not be empty")
+    check_recipe(config, world_size=1)
     _require(
         config.model.path is not None or config.model.preset is not None,
         "model.path",
@@ -463,8 +470,7 @@ def validate(config: Config, base: Path) -> None:
         path = resolve_path(config.model.init_lora, base)
         _require(path.is_file(), "model.init_lora", f"no such file {path}")
     _require(config.prompts.train is not None, "prompts.train", "set a .txt or .jsonl prompt file")
-    for name in ("prompts.train", "prompts.eval"):
-        value = _get(config, name)
+    for name, value in (("prompts.train", config.prompts.train), ("prompts.eval", config.prompts.eval)):
         if value is not None:
             path = resolve_path(value, base)
             _require(path.suffix in (".txt", ".jsonl"), name, f"must be a .txt or .jsonl file; got {path.name}")

@@ -43,7 +43,7 @@ def init_world(config: Config) -> World:
         return World()
     world = World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        cuda = config.device != "cpu" and torch.cuda.is_available()
+        cuda = resolve_device(config.device).type == "cuda"
         backend = config.dist.backend if config.dist.backend != "auto" else ("nccl" if cuda else "gloo")
         if backend == "nccl" and not cuda:
             raise ConfigError("dist.backend: nccl needs CUDA devices; use gloo on CPU")
@@ -53,21 +53,21 @@ def init_world(config: Config) -> World:
     return world
 
 
+def resolve_device(name: str, world: World | None = None) -> torch.device:
+    """The device of this process for `device` (auto | cpu | cuda): under torchrun, the GPU of
+    its local rank."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but no CUDA device is available")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if world is not None and world.size > 1:
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def close_world() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def check_recipe(config: Config, world: World) -> None:
-    """The global recipe must split evenly into optimizer steps x processes x micro-batches."""
-    images = config.rollout.groups * config.rollout.group_size
-    split = config.optim.steps_per_iteration * world.size * config.nft.micro_batch_size
-    if images % split:
-        raise ConfigError(
-            f"rollout.groups * rollout.group_size: {images} images per iteration do not split into "
-            f"optim.steps_per_iteration ({config.optim.steps_per_iteration}) x {world.size} processes x "
-            f"nft.micro_batch_size ({config.nft.micro_batch_size})"
-        )
 
 
 def image_shard(images: int, optimizer_steps: int, world: World) -> list[int]:
@@ -105,14 +105,13 @@ def gather_rows(world: World, rows: dict[str, Tensor], indices: list[int], count
     return out
 
 
-def mean_over_ranks(world: World, values: dict[str, float]) -> dict[str, float]:
-    """The mean of each value over the ranks (each rank held an equal share)."""
+def mean_over_ranks(world: World, values: Tensor) -> Tensor:
+    """The mean of each entry over the ranks (each rank held an equal share), on the device."""
     if world.size == 1:
         return values
-    keys = sorted(values)
-    stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(stacked)
-    return {key: float(value) / world.size for key, value in zip(keys, stacked, strict=True)}
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world.size
 
 
 def any_rank(world: World, flag: bool) -> bool:

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from fastnft.benchmarking import device_name, git_commit
 from fastnft.config import ConfigError
+from fastnft_kernels.benchmarking import environment
 
 
 def _clean(value: Any) -> Any:
@@ -96,26 +96,19 @@ class NullLog:
 
 
 def write_run_info(run_dir: Path, device: torch.device, argv: list[str], processes: int = 1) -> None:
+    """run.json: the kernel package's environment probe (device, torch, triton, commit, date)
+    plus the command line, the model libraries' versions and the process count."""
     import diffusers
     import peft
     import transformers
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     info = {
         "command": [Path(sys.argv[0]).name, *argv],
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
+        **environment(device, checkout=Path(__file__)),
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "commit": git_commit(),
-        "device": device_name(device),
         "processes": processes,
         "host": platform.node(),
     }

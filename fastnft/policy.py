@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from fastnft.config import LoraConfig
+from fastnft.config import Config, LoraConfig
 from fastnft.distributed import shard_fsdp2, wrap_ddp
 from fastnft.models.adapter import repeated_blocks
 from fastnft.schedules import soft_update
@@ -73,6 +73,22 @@ class Policies(ABC):
     def update_ema(self, decay: float) -> None:
         trained = self.trained_parameters()
         soft_update([self.ema[n] for n in trained], trained.values(), decay)
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """The trained weights, the old policy and the EMA (tensors alias the live ones, so a
+        checkpoint loads in place)."""
+        return {
+            "trained": {name: p.detach() for name, p in self.trained_parameters().items()},
+            "old": {name: p.detach() for name, p in self.old_parameters().items()},
+            "ema": self.ema,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        for group, live in self.state_dict().items():
+            for name, tensor in live.items():
+                if state[group][name] is not tensor:
+                    tensor.copy_(state[group][name])
 
     @contextmanager
     def ema_weights(self) -> Iterator[nn.Module]:
@@ -235,3 +251,47 @@ class FullPolicies(Policies):
             yield self.reference
         else:
             raise ValueError(f"unknown role {name!r}; known: {ROLES}")
+
+
+def build_policies(config: Config, transformer: nn.Module, default_lora_targets: tuple[str, ...]) -> Policies:
+    """LoRA adapters on the transformer (optionally warm-started from model.init_lora), or
+    frozen copies for full fine-tuning (frozen in the run's frozen-weight dtype)."""
+    if config.lora.enabled:
+        policies = LoraPolicies(transformer, config.lora, config.lora.target_modules or list(default_lora_targets))
+        if config.model.init_lora:
+            load_lora_into(policies, config.model.init_lora)
+        return policies
+    return FullPolicies(transformer, keep_reference=config.nft.kl_coef > 0, frozen_dtype=frozen_weight_dtype(config))
+
+
+def frozen_weight_dtype(config: Config) -> torch.dtype:
+    """Frozen weights: bf16 for precision bf16 (on any device), else fp32 (the reference
+    precision adds fp16 autocast on GPU)."""
+    return torch.bfloat16 if config.model.precision == "bf16" else torch.float32
+
+
+def load_lora_into(policies: LoraPolicies, path: str) -> None:
+    """Warm start: copies a LoRA safetensors file (diffusers or peft names) into both adapters
+    and the EMA."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    trained = policies.trained_parameters()
+    loaded = 0
+    for key, tensor in state.items():
+        name = key.removeprefix("transformer.").replace(".lora_A.weight", ".lora_A.default.weight")
+        name = name.replace(".lora_B.weight", ".lora_B.default.weight")
+        if name not in trained:
+            continue
+        if trained[name].shape != tensor.shape:
+            raise ValueError(
+                f"model.init_lora: {key} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(trained[name].shape)} (lora.rank differs?)"
+            )
+        with torch.no_grad():
+            trained[name].copy_(tensor)
+            policies.old_parameters()[name].copy_(tensor)
+            policies.ema[name].copy_(tensor)
+        loaded += 1
+    if loaded == 0:
+        raise ValueError(f"model.init_lora: {path} holds no LoRA weight for lora.target_modules")

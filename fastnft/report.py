@@ -30,8 +30,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
         points = [(r["iteration"], r[key]) for r in evaluations if r.get(key) is not None]
         axes[1].plot(*zip(*points, strict=True), marker="o", label=key)
         if guided is not None and f"{key}_cfg" in guided:
-            axes[1].axhline(guided[f"{key}_cfg"], linestyle="--", color=axes[1].lines[-1].get_color(),
-                            label=f"{key} untrained, best CFG")  # fmt: skip
+            color = axes[1].lines[-1].get_color()  # the same colour as the metric's curve
+            axes[1].axhline(guided[f"{key}_cfg"], linestyle="--", color=color, label=f"{key} untrained, best CFG")
     axes[1].set_title("held-out evaluation (EMA weights, no CFG)")
     for axis in axes:
         axis.set_xlabel("iteration")

@@ -55,7 +55,7 @@ def grid_indices(trainer: Trainer) -> list[int]:
 def evaluate_and_log(trainer: Trainer, log: MetricsLog | NullLog, run_dir: Path) -> dict[str, float]:
     if trainer.eval_prompts is None:
         return {}
-    metrics, images = trainer.evaluate(trainer.eval_prompts, keep=grid_indices(trainer))
+    metrics, images = trainer.evaluator(trainer.eval_prompts, keep=grid_indices(trainer))
     log.append({"iteration": trainer.iteration, **metrics})
     save_eval_grid(trainer, images, run_dir / "samples" / f"eval_{trainer.iteration:06d}.png")
     return metrics
@@ -75,7 +75,7 @@ def evaluate_with_guidance(trainer: Trainer, log: MetricsLog | NullLog, run_dir:
         return {}
     row: dict[str, float] = {}
     for scale in scales:
-        metrics, images = trainer.evaluate(trainer.eval_prompts, guidance_scale=scale, keep=grid_indices(trainer))
+        metrics, images = trainer.evaluator(trainer.eval_prompts, guidance_scale=scale, keep=grid_indices(trainer))
         row.update({f"{key}_cfg_{scale:g}": value for key, value in metrics.items()})
         save_eval_grid(trainer, images, run_dir / "samples" / f"eval_{trainer.iteration:06d}_cfg_{scale:g}.png")
         for key, value in metrics.items():
@@ -98,10 +98,10 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str
         wandb_config = to_dict(config) if config.logging.wandb else None
         log = MetricsLog(run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config)
     if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is not None:
-            load_checkpoint(trainer, checkpoint)
-            say(trainer, f"resumed from {checkpoint} at iteration {trainer.iteration}")
+        latest = latest_checkpoint(run_dir)
+        if latest is not None:
+            load_checkpoint(trainer.checkpoint_parts(), latest)
+            say(trainer, f"resumed from {latest} at iteration {trainer.iteration}")
         log.truncate_after(trainer.iteration)
     if main:
         (run_dir / "config.yaml").write_text(dump_yaml(config))
@@ -130,16 +130,16 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str
                 if config.eval.every and (iteration % config.eval.every == 0 or last):
                     evaluate_and_log(trainer, log, run_dir)
                 if config.checkpoint.every and iteration % config.checkpoint.every == 0:
-                    save_checkpoint(trainer, run_dir, config.checkpoint.keep_last)
+                    checkpoint(trainer, run_dir)
                     last_checkpoint = iteration
         if main:
             write_report(trainer, log.rows(), run_dir, time.perf_counter() - started)
     finally:
         # After a crash mid-iteration the state is half-updated: keep the last checkpoint instead.
         if last_checkpoint != trainer.iteration and not trainer.in_iteration:
-            path = save_checkpoint(trainer, run_dir, config.checkpoint.keep_last)
+            path = checkpoint(trainer, run_dir)
             say(trainer, f"checkpoint: {path}")
-        export_weights(trainer, run_dir / "export")
+        export_weights(trainer.policies, trainer.model, trainer.world, run_dir / "export")
         log.close()
     say(
         trainer,
@@ -147,6 +147,11 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str
         + (f" ({stop.reason})" if stop else ""),
     )
     return trainer
+
+
+def checkpoint(trainer: Trainer, run_dir: Path) -> Path:
+    parts = trainer.checkpoint_parts()
+    return save_checkpoint(parts, run_dir, trainer.iteration, trainer.world, trainer.config.checkpoint.keep_last)
 
 
 def say(trainer: Trainer, message: str) -> None:

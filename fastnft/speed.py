@@ -3,6 +3,8 @@ the attention implementation, regional torch.compile, CUDA graphs for the rollou
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +13,18 @@ from torch.overrides import TorchFunctionMode
 
 from fastnft.config import CompileConfig, ConfigError
 from fastnft.models.adapter import repeated_blocks
+
+
+@dataclass
+class SpeedReport:
+    """What the speed switches did to a run's modules, as they returned it (the bench records it
+    beside what it observes on the live objects)."""
+
+    attention: dict[str, str] = field(default_factory=dict)  # the processor on each attention layer
+    compiled_blocks: int = 0  # blocks under regional torch.compile, over every policy module
+    rollout_cuda_graphs: bool = False
+    autocast: torch.dtype | None = None  # fp16 autocast of the reference precision on a GPU
+
 
 SDPA_BACKENDS = {
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,

@@ -6,15 +6,22 @@ import math
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[B, 3, H, W] or [3, H, W] in [0, 1] -> [B, H, W, 3] or [H, W, 3] uint8, rounded to nearest, the
+    pixels every saved or encoded image (PNG, JPEG) holds."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.movedim(-3, -1).cpu().numpy()
+
+
 def to_pil(image: Tensor) -> Image.Image:
     """[3, H, W] in [0, 1] -> PIL image."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    return Image.fromarray(to_uint8(image))
 
 
 def save_grid(

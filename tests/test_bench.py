@@ -6,8 +6,11 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
-from fastnft.bench import SD35M_FLOP_SHARES, SWITCHES, applicable_switches, bench_config, count_iteration, observe
+from fastnft.bench.phases import PhaseRunner
+from fastnft.bench.runner import SD35M_FLOP_SHARES
+from fastnft.bench.switches import SWITCHES, applicable_switches, bench_config, observe
 from fastnft.cli import main
 from fastnft.trainer import Trainer
 
@@ -30,8 +33,10 @@ def test_the_bench_writes_every_phase_for_both_paths(bench_run):
     assert result["preset"] == "tiny" and result["device"].startswith("cpu")
     assert set(result["phases"]) == {"rollout", "reward", "train", "iteration"}
     for phase, row in result["phases"].items():
-        assert row["reference"] > 0 and row["fast"] > 0, phase
-        assert row["speedup"] == pytest.approx(row["fast"] / row["reference"])
+        seconds = result["seconds_per_call"][phase]
+        # both paths do the same work per call, so the speed-up is the inverse ratio of their times
+        time_ratio = seconds["reference"]["median_s"] / seconds["fast"]["median_s"]
+        assert row["speedup"] == pytest.approx(time_ratio), phase
     assert result["phases"]["train"]["unit"] == "samples/s"
     assert set(result["switch_speedups"]) == set(FLIPPED)
     assert result["mfu"] is None  # only on a GPU
@@ -41,11 +46,15 @@ def test_the_bench_writes_every_phase_for_both_paths(bench_run):
     assert result["switch_speedups"]["compile"]["in_fast_path"] is True
     assert fast["compiled_blocks"] == 2 and fast["compiled_graphs"] > 0 and fast["new_graphs_after_warmup"] == 0
     assert reference["forwards_per_sample"] == fast["forwards_per_sample"] == 3  # old, reference, trained
-    assert (out / "bench.png").stat().st_size > 0
-    assert "| iteration |" in (out / "bench.md").read_text()
+    with Image.open(out / "bench.png") as picture:
+        assert picture.width > 600 and picture.height > 300
+    iteration = result["phases"]["iteration"]
+    assert f"| iteration | {iteration['reference']:.3g} | {iteration['fast']:.3g} |" in (out / "bench.md").read_text()
     rows = list(csv.DictReader((out / "ledger.csv").open()))
     assert len(rows) == 2 * 4 + len(FLIPPED)
     assert {row["benchmark"] for row in rows} == {"bench_tiny"}
+    fast_rows = {row["shape"]: float(row["value"]) for row in rows if row["provider"] == "fast"}
+    assert fast_rows == {phase: pytest.approx(row["fast"], rel=1e-5) for phase, row in result["phases"].items()}
 
 
 def test_the_tiny_preset_keeps_sd35m_flop_shares_within_2x(bench_run):
@@ -56,7 +65,8 @@ def test_the_tiny_preset_keeps_sd35m_flop_shares_within_2x(bench_run):
 
 
 def fixed_loss(trainer: Trainer, tensors: dict) -> torch.Tensor:
-    return trainer.nft_step(tensors["x0"], tensors["noise"], tensors["t"], tensors["r"], tensors["text"]).loss.detach()
+    inputs = (tensors[key] for key in ("x0", "noise", "t", "r", "text"))
+    return trainer.update.pair_loss(*inputs).loss.detach()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +78,7 @@ def tensors():
     inputs = {
         "x0": x0,
         "noise": torch.randn(x0.shape, generator=generator),
-        "t": reference.grid[torch.tensor([0, 1, 2, 3])],
+        "t": reference.update.grid[torch.tensor([0, 1, 2, 3])],
         "r": torch.rand(4, generator=generator),
         "text": reference.model.encode_text(reference.train_prompts.prompts[:4]),
     }
@@ -91,7 +101,7 @@ def test_each_switch_flips_its_state_and_keeps_the_loss(name, tensors):
         losses.append(fixed_loss(trainer, tensors))
         state = observe(trainer)
         if switch.state not in state:
-            state.update(count_iteration(trainer))
+            state.update(PhaseRunner(trainer).count_forwards())
         states.append(state[switch.state])
     assert states[0] != states[1], f"{name} changed nothing observable: {switch.state} = {states[0]!r}"
     tolerance = 2e-2 if name == "bf16_weights" else 1e-4

@@ -2,12 +2,13 @@
 
 import dataclasses
 import re
+import types
 import typing
 from pathlib import Path
 
 import pytest
 
-from fastnft.config import Config, ConfigError, load_config
+from fastnft.config import Config, ConfigError, Length, Range, check_recipe, load_config
 
 
 @pytest.fixture
@@ -58,6 +59,30 @@ def test_yaml_and_overrides_combine_and_paths_resolve_next_to_the_config(tmp_pat
         ("novalue", "novalue: overrides are written key=value"),
         ("old_policy.eta_max=1", "old_policy.eta_max: must be in [0, 1)"),
         ("old_policy.eta_rate=-0.1", "old_policy.eta_rate: must be >= 0"),
+        ("model.precision=fp16", "model.precision: must be one of bf16, fp32, reference; got 'fp16'"),
+        ("old_policy.schedule=3", "old_policy.schedule: must be one of 0, 1, 2; got 3"),
+        ("old_policy.schedule=true", "old_policy.schedule: must be one of 0, 1, 2; got True"),
+        ("eval.sampler=heun", "eval.sampler: must be one of dpm2m, euler, sde; got 'heun'"),
+        ("optim.lr=.inf", "optim.lr: must be a finite number; got inf"),
+        ("nft.beta=.nan", "nft.beta: must be a finite number; got nan"),
+        ("nft.kl_coef=-.inf", "nft.kl_coef: must be a finite number; got -inf"),
+        ("rollout.shift=inf", "rollout.shift: must be a finite number; got inf"),
+        ("rollout.sde_noise_level=.nan", "rollout.sde_noise_level: must be a finite number; got nan"),
+        ("ema.max_decay=2", "ema.max_decay: must be in [0, 1]; got 2.0"),
+        ("ema.max_decay=.nan", "ema.max_decay: must be a finite number; got nan"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas[1]: must be in [0, 1); got 1.0"),
+        ("optim.betas=[0.9, .inf]", "optim.betas[1]: must be a finite number; got inf"),
+        ("optim.betas=[0.9]", "optim.betas: must hold exactly 2 items; got [0.9]"),
+        ("optim.eps=0", "optim.eps: must be > 0; got 0.0"),
+        ("eval.cfg_scales=[1.5, 1]", "eval.cfg_scales[1]: must be > 1; got 1.0"),
+        ("eval.cfg_scales=[.inf]", "eval.cfg_scales[0]: must be a finite number; got inf"),
+        ("rewards=[{name: jpeg_compressibility, weight: .nan}]", "rewards[0].weight: must be a finite number; got nan"),
+        ("rewards=[{name: ''}]", "rewards[0].name: must not be empty"),
+        ("rewards=[]", "rewards: must not be empty"),
+        ("nft.timestep_fraction=0", "nft.timestep_fraction: must be in (0, 1]; got 0.0"),
+        ("rollout.guidance_scale=0.5", "rollout.guidance_scale: must be >= 1 (1 = no guidance); got 0.5"),
+        ("checkpoint.every=-1", "checkpoint.every: must be >= 0; got -1"),
+        ("optim.steps_per_iteration=5", "optim.steps_per_iteration: must divide the 128 micro-batches"),
     ],
 )
 def test_bad_values_name_their_field(prompt_file, override, field):
@@ -85,3 +110,67 @@ def test_docs_name_every_field():
 
     missing = [f"{p}{n}" for p, n in fields(Config) if f"`{n}`" not in docs and f"`{p}{n}`" not in docs]
     assert not missing, f"docs/config.md does not document {missing}"
+
+
+def _rules(hint, value, name=""):
+    """(dotted name, rule, value) for every rule written on the tree under value, list items and
+    list elements included: Range and Length objects, and the choices of a Literal as a tuple."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint, include_extras=True)
+        for item in dataclasses.fields(hint):
+            child = f"{name}.{item.name}" if name else item.name
+            yield from _rules(hints[item.name], getattr(value, item.name), child)
+    elif origin is typing.Annotated:
+        inner, *rules = typing.get_args(hint)
+        yield from ((name, rule, value) for rule in rules)
+        yield from _rules(inner, value, name)
+    elif origin is typing.Literal:
+        yield name, typing.get_args(hint), value
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        for index, element in enumerate(value):
+            yield from _rules(item, element, f"{name}[{index}]")
+    elif origin in (typing.Union, types.UnionType) and value is not None:
+        for option in typing.get_args(hint):
+            if option is not type(None):
+                yield from _rules(option, value, name)
+
+
+def _broken_rules(config):
+    broken = []
+    for name, rule, value in _rules(Config, config):
+        if isinstance(rule, Length):
+            try:
+                rule.check(value, name)
+            except ConfigError as error:
+                broken.append(str(error))
+        elif value not in rule:  # a Range, or a Literal's choices
+            broken.append(f"{name}: {value!r} is not {rule}")
+    return broken
+
+
+def test_every_default_satisfies_its_fields_rules():
+    config = Config()
+    kinds = {type(rule) for _, rule, _ in _rules(Config, config)}
+    assert kinds == {Range, Length, tuple}  # the walk reaches every kind of rule
+    assert _broken_rules(config) == []
+    config.ema.max_decay, config.old_policy.schedule, config.rewards[0].name = 1.5, 3, ""
+    assert len(_broken_rules(config)) == 3  # and it would see a default that breaks one
+
+
+def test_an_optional_literal_takes_none_or_a_choice():
+    from fastnft.config import _convert
+
+    annotation = typing.Literal["a", "b"] | None
+    assert _convert(None, annotation, "x") is None and _convert("b", annotation, "x") == "b"
+    with pytest.raises(ConfigError, match=re.escape("x: must be one of a, b; got 'c'")):
+        _convert("c", annotation, "x")
+
+
+def test_recipe_rule_counts_processes():
+    config = Config()  # 48 x 24 = 1152 images, micro-batch 9: 128 micro-batches
+    check_recipe(config, 1)
+    check_recipe(config, 2)
+    with pytest.raises(ConfigError, match=r"rollout.groups \* rollout.group_size: 1152 images .* 5 processes"):
+        check_recipe(config, 5)

@@ -18,15 +18,31 @@ PROMPTS = ["a red cat", "two blue dogs on a table", "a green tree"]
 def tiny_clip(directory, *, vision_width=64, text_width=64, hidden_act="quick_gelu", seed=0, eos_token_id=3):
     tokenizer = word_tokenizer(BASIC_WORDS, 16)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
-                         num_hidden_layers=2, num_attention_heads=text_width // 64, max_position_embeddings=16,
-                         hidden_act=hidden_act, layer_norm_eps=1e-5, pad_token_id=0, bos_token_id=2,
-                         eos_token_id=eos_token_id),
-        vision_config=dict(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=2,
-                           num_attention_heads=vision_width // 64, image_size=48, patch_size=16, hidden_act=hidden_act,
-                           layer_norm_eps=1e-5),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
+            num_hidden_layers=2,
+            num_attention_heads=text_width // 64,
+            max_position_embeddings=16,
+            hidden_act=hidden_act,
+            layer_norm_eps=1e-5,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=eos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=vision_width,
+            intermediate_size=2 * vision_width,
+            num_hidden_layers=2,
+            num_attention_heads=vision_width // 64,
+            image_size=48,
+            patch_size=16,
+            hidden_act=hidden_act,
+            layer_norm_eps=1e-5,
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
     model.save_pretrained(directory)
@@ -61,11 +77,14 @@ def as_float(pixels_uint8):
     return torch.from_numpy(pixels_uint8).permute(0, 3, 1, 2).float() / 255
 
 
-@pytest.mark.parametrize(("name", "formula"), [
-    ("clipscore", lambda out: out.logits_per_image.diagonal() / 100),
-    ("pickscore", lambda out: out.logits_per_image.diagonal() / 26),
-    ("hpsv2", lambda out: torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "formula"),
+    [
+        ("clipscore", lambda out: out.logits_per_image.diagonal() / 100),
+        ("pickscore", lambda out: out.logits_per_image.diagonal() / 26),
+        ("hpsv2", lambda out: torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)),
+    ],
+)
 def test_scores_follow_the_reference_formula_on_the_models_own_embeddings(clip_dir, name, formula):
     directory, model, tokenizer = clip_dir
     pixels = uint8_images()

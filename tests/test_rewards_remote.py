@@ -9,12 +9,13 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from fastnft.rewards import build_reward
-from fastnft.rewards.remote import ServiceError
+from fastnft.rewards.remote import ServiceError, png_base64
 
 
 class Stub:
@@ -112,12 +113,15 @@ def test_http_gives_up_after_its_retries_on_timeouts(stub):
         reward(IMAGES, PROMPTS, [{}] * 5)
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ("<html>oops</html>", "the reply is not JSON"),
-    ({"result": [1, 2]}, "the reply has no 'scores'"),
-    ({"scores": [1.0]}, "'scores' must be 5 numbers"),
-    ({"scores": ["high"] * 5}, "'scores' must be 5 numbers"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("<html>oops</html>", "the reply is not JSON"),
+        ({"result": [1, 2]}, "the reply has no 'scores'"),
+        ({"scores": [1.0]}, "'scores' must be 5 numbers"),
+        ({"scores": ["high"] * 5}, "'scores' must be 5 numbers"),
+    ],
+)
 def test_http_malformed_replies_are_errors_naming_the_url(stub, body, message):
     service = stub(lambda payload: (200, body))
     with pytest.raises(ServiceError, match=message) as error:
@@ -179,3 +183,8 @@ def test_remote_options_are_checked():
         build_reward("judge", url="http://127.0.0.1:1")
     with pytest.raises(ValueError, match="NOT_SET_ANYWHERE, which is not set"):
         build_reward("judge", url="http://127.0.0.1:1", model="m", api_key_env="NOT_SET_ANYWHERE")
+
+
+def test_images_are_sent_as_their_rounded_8_bit_pixels():
+    decoded = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(e)))) for e in png_base64(IMAGES)])
+    assert np.array_equal(decoded, (IMAGES * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())

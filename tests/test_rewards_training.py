@@ -10,7 +10,7 @@ from fastnft.checkpoint import latest_checkpoint, load_checkpoint
 from fastnft.rewards import Reward, RewardOutput, register
 from fastnft.rewards.jpeg import jpeg_size_kb
 from fastnft.run import train
-from fastnft.trainer import Trainer
+from fastnft.trainer import Trainer, build_rewards
 from tests.helpers import tiny_config
 
 
@@ -43,13 +43,13 @@ def test_overlapped_scoring_gives_the_synchronous_scores():
 
 def test_the_weighted_sum_and_each_reward_are_logged():
     rewards = "[{name: jpeg_incompressibility, weight: 2.0}, {name: jpeg_compressibility, weight: 0.5}]"
-    trainer = Trainer(tiny_config([f"rewards={rewards}"]))
+    config = tiny_config([f"rewards={rewards}"])
     images = torch.stack([torch.zeros(3, 32, 32), torch.rand(3, 32, 32)])
-    out = trainer.rewards(images, ["a", "b"], [{}, {}])
+    out = build_rewards(config)(images, ["a", "b"], [{}, {}])
     size = jpeg_size_kb(images)
     torch.testing.assert_close(out.score, (2.0 * size + 0.5 * (-size / 500)).float())
     torch.testing.assert_close(out.extras["reward_jpeg_compressibility"], (-size / 500).float())
-    assert trainer.run_iteration()["reward_jpeg_incompressibility"] > 0
+    assert Trainer(config).run_iteration()["reward_jpeg_incompressibility"] > 0
 
 
 def test_jpeg_rewards_order_flat_checkerboard_and_noise():
@@ -62,11 +62,8 @@ def test_jpeg_rewards_order_flat_checkerboard_and_noise():
 
 @pytest.mark.parametrize(("raises", "message"), [(False, "returned non-finite scores"), (True, "the scorer crashed")])
 def test_a_failing_reward_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, raises, message):
-    config = tiny_config(
-        [f"rewards=[{{name: test_fails_after_first_call, options: {{raises: {str(raises).lower()}}}}}]",
-         "rollout.overlap_reward=true", "eval.every=0"],
-        iterations=3,
-    )  # fmt: skip
+    reward = f"rewards=[{{name: test_fails_after_first_call, options: {{raises: {str(raises).lower()}}}}}]"
+    config = tiny_config([reward, "rollout.overlap_reward=true", "eval.every=0"], iterations=3)
     with pytest.raises(RuntimeError, match=rf"reward 'test_fails_after_first_call'.*{message}"):
         train(config, tmp_path)
     checkpoint = latest_checkpoint(tmp_path)
@@ -74,5 +71,5 @@ def test_a_failing_reward_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows] == [1]
     resumed = Trainer(config)
-    load_checkpoint(resumed, checkpoint)
+    load_checkpoint(resumed.checkpoint_parts(), checkpoint)
     assert resumed.iteration == 1

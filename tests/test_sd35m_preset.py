@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastnft.bench import preset_path
+from fastnft.bench.switches import preset_path
 from fastnft.config import load_config
 from fastnft.models.presets import build_preset
 from fastnft.models.synthetic import synthetic_text

@@ -28,9 +28,11 @@ def test_prompts_cover_every_category_and_the_splits_are_disjoint():
         assert {e["metadata"]["category"] for e in split} == set(CATEGORIES)
     assert not {e["prompt"] for e in train} & {e["prompt"] for e in held_out}
     assert len(train) + len(held_out) == len(all_prompts()) == len({e["prompt"] for e in all_prompts()})
-    committed = [[json.loads(line) for line in (PROMPTS / name).read_text().splitlines()]
-                 for name in ("shapes_train.jsonl", "shapes_eval.jsonl")]  # fmt: skip
-    assert committed == [train, held_out]  # the shipped files are what the generator writes
+    committed = [
+        [json.loads(line) for line in (PROMPTS / name).read_text().splitlines()]
+        for name in ("shapes_train.jsonl", "shapes_eval.jsonl")
+    ]
+    assert committed == [train, held_out]  # the shipped files are the split
 
 
 @pytest.mark.parametrize("category", CATEGORIES)

@@ -15,13 +15,13 @@ def first_pair_loss_and_grads(trainer: Trainer):
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(4, *trainer.model.sample_shape, generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
-    t = trainer.grid[:4]
+    t = trainer.update.grid[:4]
     r = torch.tensor([0.1, 0.4, 0.6, 0.9])
     text = trainer.model.encode_text(["a red circle", "a cat", "two stars", "a dog"])
     with torch.no_grad():  # move the trained policy away from the old one
         for p in trainer.policies.trained_parameters().values():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    out = trainer.nft_step(x0, noise, t, r, text)
+    out = trainer.update.pair_loss(x0, noise, t, r, text)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.policies.trained_parameters().items() if p.grad is not None}
     return out.loss.detach(), grads
@@ -37,9 +37,9 @@ def assert_same_loss_and_grads(first, second, rtol=1e-5, atol=1e-6):
 def test_attention_backend_is_installed_and_exact():
     default = Trainer(tiny_config(), progress=False)
     math_backend = Trainer(tiny_config(["model.attention=sdpa-math"]), progress=False)
-    assert set(default.attention.values()) == {"JointAttnProcessor2_0"}
-    assert set(math_backend.attention.values()) == {"sdpa-math"}
-    assert len(math_backend.attention) == 3  # joint attention in both blocks and the dual attention
+    assert set(default.speed.attention.values()) == {"JointAttnProcessor2_0"}
+    assert set(math_backend.speed.attention.values()) == {"sdpa-math"}
+    assert len(math_backend.speed.attention) == 3  # joint attention in both blocks and the dual attention
     assert_same_loss_and_grads(first_pair_loss_and_grads(default), first_pair_loss_and_grads(math_backend))
 
 
@@ -63,7 +63,7 @@ def test_regional_compile_is_warm_after_the_first_iteration(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     config = tiny_config(["compile.enabled=true", "compile.backend=aot_eager", "eval.every=0"])
     trainer = Trainer(config, progress=False)
-    assert trainer.compiled_blocks == 2
+    assert trainer.speed.compiled_blocks == 2
     eager = Trainer(tiny_config(["eval.every=0"]), progress=False)
     compiled_row = trainer.run_iteration()
     graphs_after_first = counters["stats"]["unique_graphs"]
@@ -76,7 +76,7 @@ def test_regional_compile_is_warm_after_the_first_iteration(monkeypatch):
 
 
 def rollout_twice(trainer: Trainer) -> list[torch.Tensor]:
-    return [trainer.roll_out(trainer.iteration_batch(iteration))[0] for iteration in (0, 1)]
+    return [trainer.rollout.sample(trainer.rollout.batch(iteration)).x0 for iteration in (0, 1)]
 
 
 def test_rollout_graph_wrapper_keeps_the_samples():
@@ -90,7 +90,7 @@ def test_rollout_graph_wrapper_keeps_the_samples():
     eager = rollout_twice(Trainer(tiny_config(["eval.every=0"]), progress=False))
     trainer = Trainer(tiny_config(["eval.every=0"]), progress=False)
     with trainer.policies.role("old") as old:
-        trainer.rollout_graph = CudaGraphRollout(old, backend="aot_eager")
+        trainer.rollout.cuda_graph = CudaGraphRollout(old, backend="aot_eager")
     wrapped = rollout_twice(trainer)
     assert counters["stats"]["unique_graphs"] > 0  # the rollout did go through the compiled wrapper
     for first, second in zip(eager, wrapped, strict=True):
@@ -107,6 +107,7 @@ def test_rollout_cuda_graphs_are_refused_without_a_gpu_or_with_fsdp2(tmp_path, c
     assert "rollout.cuda_graphs: cannot capture FSDP2" in capsys.readouterr().err
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_rollout_under_cuda_graphs_matches_eager_and_records_graphs():
     from torch._dynamo.utils import counters
@@ -116,7 +117,7 @@ def test_rollout_under_cuda_graphs_matches_eager_and_records_graphs():
     eager = rollout_twice(Trainer(tiny_config(overrides), progress=False))
     trainer = Trainer(tiny_config([*overrides, "rollout.cuda_graphs=true"]), progress=False)
     graphed = rollout_twice(trainer)
-    assert trainer.rollout_graph is not None and counters["inductor"]["cudagraph_skips"] == 0
+    assert trainer.rollout.cuda_graph is not None and counters["inductor"]["cudagraph_skips"] == 0
     for first, second in zip(eager, graphed, strict=True):
         torch.testing.assert_close(second, first, rtol=1e-3, atol=1e-3)
     torch._dynamo.reset()

@@ -107,3 +107,14 @@ class ModelAdapter(ABC):
             pooled_projections=text.pooled.to(dtype),
             return_dict=False,
         )[0]
+
+    def guided_velocity(
+        self, transformer: nn.Module, x: Tensor, t: Tensor, text: TextEmbedding, empty: TextEmbedding, scale: float
+    ) -> Tensor:
+        """Classifier-free guidance against the empty prompt `empty` (one row, broadcast): the
+        conditional and unconditional halves in one batched call, u + scale * (c - u). A family
+        whose pipeline combines them differently overrides this."""
+        both = TextEmbedding.cat([text, empty.repeat_interleave(len(text))])
+        v = self.velocity(transformer, torch.cat([x, x]), torch.cat([t, t]), both).float()
+        conditional, unconditional = v.chunk(2)
+        return unconditional + scale * (conditional - unconditional)

@@ -128,49 +128,6 @@ def tiny_sd3_components(seed: int) -> dict[str, object]:
         }
 
 
-def shapes_pixel_components(seed: int) -> dict[str, object]:
-    """The `shapes` base model's architecture: a 32 x 32 pixel-space MMDiT (patch 4, 4 blocks,
-    width 128, about 2.4 M parameters) and a small CLIP-style text encoder over the task's words."""
-    from diffusers import SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from fastnft.shapes.task import vocabulary
-
-    tokenizer = word_tokenizer(vocabulary(), 16)
-    with seeded(seed):
-        return {
-            "transformer": SD3Transformer2DModel(
-                sample_size=32,
-                patch_size=4,
-                in_channels=3,
-                out_channels=3,
-                num_layers=4,
-                attention_head_dim=32,
-                num_attention_heads=4,
-                joint_attention_dim=64,
-                caption_projection_dim=128,
-                pooled_projection_dim=64,
-                pos_embed_max_size=8,
-                qk_norm="rms_norm",
-            ),
-            "text_encoder": CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    vocab_size=len(tokenizer),
-                    hidden_size=64,
-                    intermediate_size=128,
-                    num_hidden_layers=2,
-                    num_attention_heads=2,
-                    projection_dim=64,
-                    max_position_embeddings=16,
-                    pad_token_id=0,
-                    bos_token_id=2,
-                    eos_token_id=3,
-                )
-            ),
-            "tokenizer": tokenizer,
-        }
-
-
 SD35M_TRANSFORMER = dict(
     sample_size=128,
     patch_size=2,
@@ -217,7 +174,9 @@ def sd35m_components(seed: int) -> dict[str, object]:
         }
 
 
-PRESETS = {"tiny-sd3": tiny_sd3_components, "shapes-pixel": shapes_pixel_components, "sd35m": sd35m_components}
+# Model-generic presets only: a task's own architecture (e.g. fastnft/shapes/base_model.py) lives with
+# its task, above this package, and is built by the code that needs it.
+PRESETS = {"tiny-sd3": tiny_sd3_components, "sd35m": sd35m_components}
 SYNTHETIC_TEXT_PRESETS = ("sd35m",)  # presets without text encoders
 
 

@@ -9,10 +9,21 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fastnft.config import JOINT_ATTENTION_PROJECTIONS, ConfigError, ModelConfig
+from fastnft.config import ConfigError, ModelConfig
 from fastnft.models.adapter import ModelAdapter, TextEmbedding
 from fastnft.models.presets import build_preset
 
+# The default LoRA targets of the SD3 family: its eight joint-attention projections.
+JOINT_ATTENTION_PROJECTIONS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 

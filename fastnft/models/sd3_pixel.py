@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fastnft.config import JOINT_ATTENTION_PROJECTIONS, ConfigError, ModelConfig
+from fastnft.config import ConfigError, ModelConfig
 from fastnft.models.adapter import ModelAdapter, TextEmbedding
 from fastnft.models.presets import build_preset
+from fastnft.models.sd3 import JOINT_ATTENTION_PROJECTIONS
 
 
 def load_pixel_components(config: ModelConfig, seed: int, weight_dtype: torch.dtype) -> dict[str, object]:
@@ -26,12 +27,16 @@ def load_pixel_components(config: ModelConfig, seed: int, weight_dtype: torch.dt
         components = build_preset(config.preset, seed)
     else:
         root = Path(config.path)
-        paths = {name: Path(config.component_paths.get(name, root / name)) for name in
-                 ("transformer", "text_encoder", "tokenizer")}  # fmt: skip
+        paths = {
+            name: Path(config.component_paths.get(name, root / name))
+            for name in ("transformer", "text_encoder", "tokenizer")
+        }
         for name, path in paths.items():
             if not path.is_dir():
-                raise ConfigError(f"model.path: {root} has no {name}/ directory (an sd3-pixel model needs "
-                                  "transformer/, text_encoder/ and tokenizer/)")  # fmt: skip
+                raise ConfigError(
+                    f"model.path: {root} has no {name}/ directory (an sd3-pixel model needs "
+                    "transformer/, text_encoder/ and tokenizer/)"
+                )
         components = {
             "transformer": SD3Transformer2DModel.from_pretrained(paths["transformer"]),
             "text_encoder": CLIPTextModelWithProjection.from_pretrained(paths["text_encoder"]),
@@ -45,8 +50,9 @@ def load_pixel_components(config: ModelConfig, seed: int, weight_dtype: torch.dt
 class SD3PixelAdapter(ModelAdapter):
     default_lora_targets = JOINT_ATTENTION_PROJECTIONS
 
-    def __init__(self, transformer, text_encoder, tokenizer, *, resolution: int, max_length: int,
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self, transformer, text_encoder, tokenizer, *, resolution: int, max_length: int, device: torch.device
+    ) -> None:
         self.transformer = transformer.to(device)
         self.text_encoder = text_encoder.to(device)
         self.tokenizer = tokenizer
@@ -74,8 +80,9 @@ class SD3PixelAdapter(ModelAdapter):
         return self._sample_shape
 
     def tokenize(self, prompts: list[str]) -> Tensor:
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                                return_tensors="pt")  # fmt: skip
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
         return tokens.input_ids.to(self.device)
 
     def encode_tokens(self, input_ids: Tensor) -> TextEmbedding:

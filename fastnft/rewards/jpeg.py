@@ -13,15 +13,15 @@ from PIL import Image
 from torch import Tensor
 
 from fastnft.rewards.base import Reward, RewardOutput, register
+from fastnft.visual import to_uint8
 
 QUALITY = 95
 
 
 def jpeg_size_kb(images: Tensor) -> Tensor:
     """[B, 3, H, W] in [0, 1] -> [B] size in kB of each image saved as JPEG at quality 95."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     sizes = []
-    for array in pixels:
+    for array in to_uint8(images):
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="JPEG", quality=QUALITY)
         sizes.append(buffer.tell() / 1000)

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 
 from fastnft.rewards.base import Reward, RewardOutput, register
+from fastnft.visual import to_uint8
 
 JUDGE_TEMPLATE = (
     'You are shown an image generated from the text prompt: "{prompt}". Rate how faithfully it '
@@ -48,9 +49,8 @@ class ServiceError(RuntimeError):
 
 def png_base64(images: Tensor) -> list[str]:
     """[B, 3, H, W] in [0, 1] -> base64-encoded PNGs."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     encoded = []
-    for array in pixels:
+    for array in to_uint8(images):
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="PNG")
         encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastnft.models.presets import build_preset
 from fastnft.models.sd3_pixel import SD3PixelAdapter
+from fastnft.shapes.base_model import MAX_LENGTH, base_model_components
 from fastnft.shapes.render import render
-from fastnft.shapes.task import split_prompts
+from fastnft.shapes.task import RESOLUTION, split_prompts
+from fastnft_kernels.benchmarking import environment
 
 WEIGHT_FILES = ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
 
@@ -70,13 +71,22 @@ def save_base_model(model: SD3PixelAdapter, ema: list[torch.Tensor], out: Path, 
     return recipe
 
 
-def pretrain(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, dropout: float = 0.1,
-             ema_decay: float = 0.999, warmup: int = 200, save_every: int = 1000,
-             progress: bool = True) -> dict:  # fmt: skip
+def pretrain(
+    out: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    warmup: int = 200,
+    save_every: int = 1000,
+    progress: bool = True,
+) -> dict:
     """Trains, saving the EMA model to `out` every `save_every` steps and at the end."""
-    components = build_preset("shapes-pixel", seed)
-    model = SD3PixelAdapter(components["transformer"], components["text_encoder"], components["tokenizer"],
-                            resolution=32, max_length=16, device=torch.device("cpu"))  # fmt: skip
+    components = base_model_components(seed)
+    model = SD3PixelAdapter(**components, resolution=RESOLUTION, max_length=MAX_LENGTH, device=torch.device("cpu"))
     trained = [*model.transformer.parameters(), *model.text_encoder.parameters()]
     ema = [p.detach().clone() for p in trained]
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
@@ -95,7 +105,7 @@ def pretrain(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, dr
         "warmup": warmup,
         "timesteps": "logit-normal(0, 1)",
         "data": "renders of the training prompts only",
-        "torch": torch.__version__,
+        **{key: value for key, value in environment("cpu").items() if key in ("torch", "commit")},
     }
     with tqdm(range(steps), desc="pretrain shapes", disable=not progress, dynamic_ncols=True) as bar:
         for step in bar:
@@ -122,15 +132,19 @@ def pretrain(out: Path, *, steps: int, batch_size: int, lr: float, seed: int, dr
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
             done = step + 1
             if done % save_every == 0 or done == steps:
-                recipe.update(steps_done=done, final_loss=sum(losses[-200:]) / len(losses[-200:]),
-                              minutes=(time.perf_counter() - started) / 60)  # fmt: skip
+                recipe.update(
+                    steps_done=done,
+                    final_loss=sum(losses[-200:]) / len(losses[-200:]),
+                    minutes=(time.perf_counter() - started) / 60,
+                )
                 recipe = save_base_model(model, ema, out, recipe)
     return recipe
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fastnft pretrain shapes", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="fastnft pretrain shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/shapes-base"))
     parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -21,8 +21,6 @@ exactly the required objects and nothing else, and the relation holds.
 from __future__ import annotations
 
 import itertools
-import json
-from pathlib import Path
 from typing import Any
 
 RESOLUTION = 32
@@ -96,14 +94,3 @@ def vocabulary() -> list[str]:
     words = ["a", "and", *SHAPES, *(s + "s" for s in SHAPES), *COLORS, *NUMBERS.values()]
     words += [w for phrase in RELATIONS.values() for w in phrase.split()]
     return list(dict.fromkeys(words))
-
-
-def write_prompt_files(directory: Path) -> tuple[Path, Path]:
-    """Writes shapes_train.jsonl and shapes_eval.jsonl; returns their paths."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, entries in zip(("shapes_train.jsonl", "shapes_eval.jsonl"), split_prompts(), strict=True):
-        path = directory / name
-        path.write_text("".join(json.dumps(e) + "\n" for e in entries))
-        paths.append(path)
-    return paths[0], paths[1]

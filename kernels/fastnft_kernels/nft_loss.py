@@ -77,13 +77,33 @@ def nft_loss(
     _check_arguments(v_theta, v_old, x0, noise, t, r, beta, v_ref, kl_coef, loss_space, backend)
     if _resolve_backend(backend, v_theta) == "torch":
         return nft_loss_torch(
-            v_theta, v_old, x0, noise, t, r, beta=beta, v_ref=v_ref, kl_coef=kl_coef,
-            adv_clip_max=adv_clip_max, loss_space=loss_space, eps=eps,
-        )  # fmt: skip
+            v_theta,
+            v_old,
+            x0,
+            noise,
+            t,
+            r,
+            beta=beta,
+            v_ref=v_ref,
+            kl_coef=kl_coef,
+            adv_clip_max=adv_clip_max,
+            loss_space=loss_space,
+            eps=eps,
+        )
     loss, _, diagnostics = torch.ops.fastnft_kernels.nft_loss(
-        v_theta, v_old, x0, noise, t, r, v_ref,
-        float(beta), float(kl_coef), float(adv_clip_max), loss_space == "velocity", float(eps),
-    )  # fmt: skip
+        v_theta,
+        v_old,
+        x0,
+        noise,
+        t,
+        r,
+        v_ref,
+        float(beta),
+        float(kl_coef),
+        float(adv_clip_max),
+        loss_space == "velocity",
+        float(eps),
+    )
     return NFTLossOutput(loss, *diagnostics.unbind(0))
 
 
@@ -105,9 +125,12 @@ def nft_loss_torch(
 ) -> NFTLossOutput:
     """The specification: plain autograd, line for line the module docstring.
 
-    Arithmetic is fp32 (fp64 for fp64 v_theta, which the float64 checks use). `weight_dtype`
-    is the precision of the adaptive weights: the reference implementation uses float64
-    (benchmarks reproduce its cost with it); fp32 is enough and the default.
+    Arithmetic is fp32 (fp64 for fp64 v_theta, which the float64 checks use).
+
+    `weight_dtype` is the precision of the adaptive weights w_pm. fp32 (the default) is enough.
+    torch.float64 reproduces the reference DiffusionNFT code, which computes them in float64:
+    it is the switch behind fastnft's `nft.loss_backend: reference`, and the NFT-loss
+    benchmark's `reference` provider uses it to measure the reference code's cost.
     """
     batch = v_theta.shape[0]
     compute_dtype = torch.promote_types(v_theta.dtype, torch.float32)  # fp32, or fp64 for fp64
@@ -240,10 +263,19 @@ def _nft_loss_op(
     from fastnft_kernels.triton_nft_loss import launch_nft_loss
 
     return launch_nft_loss(
-        v_theta, v_old, x0, noise, t, r, v_ref,
-        beta=beta, kl_coef=kl_coef, adv_clip_max=adv_clip_max,
-        velocity_space=velocity_space, eps=eps,
-    )  # fmt: skip
+        v_theta,
+        v_old,
+        x0,
+        noise,
+        t,
+        r,
+        v_ref,
+        beta=beta,
+        kl_coef=kl_coef,
+        adv_clip_max=adv_clip_max,
+        velocity_space=velocity_space,
+        eps=eps,
+    )
 
 
 @_nft_loss_op.register_fake

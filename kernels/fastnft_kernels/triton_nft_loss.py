@@ -21,13 +21,29 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Per-chunk partial sums, in this column order: |e_pos|, |e_neg|, e_pos^2, e_neg^2,
-# (v_theta - v_ref)^2, (v_theta - v_old)^2, x0^2 (the kernels spell out the 7).
-NUM_PARTIALS = 7
-# Per-sample outputs, in this row order: positive_loss, negative_loss, kl, old_deviation,
-# x0_norm, then each sample's total loss contribution.
-SAMPLE_LOSS = 5
-NUM_PER_SAMPLE = 6
+# Buffer layouts. The indices are tl.constexpr because @triton.jit code may read module globals
+# only when they are constexpr; host code reads their int as `.value`.
+
+# partials: [B, num_chunks, NUM_PARTIALS] fp32. Pass 1 stores, for each chunk of each sample,
+# one sum over the chunk's elements per column; pass 2 adds up each column over the chunks.
+PARTIAL_ABS_POS = tl.constexpr(0)  # sum |e_pos|: the adaptive weight w_pos (x0 space)
+PARTIAL_ABS_NEG = tl.constexpr(1)  # sum |e_neg|: the adaptive weight w_neg (x0 space)
+PARTIAL_SQ_POS = tl.constexpr(2)  # sum e_pos^2: positive_loss
+PARTIAL_SQ_NEG = tl.constexpr(3)  # sum e_neg^2: negative_loss
+PARTIAL_SQ_REF = tl.constexpr(4)  # sum (v_theta - v_ref)^2: kl (0 without v_ref)
+PARTIAL_SQ_OLD = tl.constexpr(5)  # sum (v_theta - v_old)^2: old_deviation
+PARTIAL_SQ_X0 = tl.constexpr(6)  # sum x0^2: x0_norm
+NUM_PARTIALS = tl.constexpr(7)
+
+# per_sample: [NUM_PER_SAMPLE, B] fp32, written by pass 2. Rows before SAMPLE_LOSS are the
+# diagnostics launch_nft_loss returns, in NFTLossOutput's order.
+ROW_POSITIVE_LOSS = tl.constexpr(0)
+ROW_NEGATIVE_LOSS = tl.constexpr(1)
+ROW_KL = tl.constexpr(2)
+ROW_OLD_DEVIATION = tl.constexpr(3)
+ROW_X0_NORM = tl.constexpr(4)
+SAMPLE_LOSS = tl.constexpr(5)  # each sample's contribution to the loss, before the batch mean
+NUM_PER_SAMPLE = tl.constexpr(6)
 
 GPU_BLOCK = 1024
 GPU_TARGET_PROGRAMS = 1024  # enough programs to fill every SM a few times over
@@ -103,22 +119,22 @@ def nft_loss_partials_kernel(
             v_ref = _load_row(v_ref_ptr, stride_ref, sample, idx, mask)
             sq_ref += (v_theta - v_ref) * (v_theta - v_ref)
 
-    out = partials_ptr + (sample * num_chunks + chunk) * 7
-    tl.store(out + 0, tl.sum(abs_pos, axis=0))
-    tl.store(out + 1, tl.sum(abs_neg, axis=0))
-    tl.store(out + 2, tl.sum(sq_pos, axis=0))
-    tl.store(out + 3, tl.sum(sq_neg, axis=0))
-    tl.store(out + 4, tl.sum(sq_ref, axis=0))
-    tl.store(out + 5, tl.sum(sq_old, axis=0))
-    tl.store(out + 6, tl.sum(sq_x0, axis=0))
+    out = partials_ptr + (sample * num_chunks + chunk) * NUM_PARTIALS
+    tl.store(out + PARTIAL_ABS_POS, tl.sum(abs_pos, axis=0))
+    tl.store(out + PARTIAL_ABS_NEG, tl.sum(abs_neg, axis=0))
+    tl.store(out + PARTIAL_SQ_POS, tl.sum(sq_pos, axis=0))
+    tl.store(out + PARTIAL_SQ_NEG, tl.sum(sq_neg, axis=0))
+    tl.store(out + PARTIAL_SQ_REF, tl.sum(sq_ref, axis=0))
+    tl.store(out + PARTIAL_SQ_OLD, tl.sum(sq_old, axis=0))
+    tl.store(out + PARTIAL_SQ_X0, tl.sum(sq_x0, axis=0))
 
 
 @triton.jit
 def _sample_total(partials_ptr, sample, num_chunks, column, CHUNKS_POW2: tl.constexpr):
     """Sum of one partial column over a sample's chunks, always in the same order."""
     chunks = tl.arange(0, CHUNKS_POW2)
-    row = partials_ptr + sample * num_chunks * 7
-    values = tl.load(row + chunks * 7 + column, mask=chunks < num_chunks, other=0.0)
+    row = partials_ptr + sample * num_chunks * NUM_PARTIALS
+    values = tl.load(row + chunks * NUM_PARTIALS + column, mask=chunks < num_chunks, other=0.0)
     return tl.sum(values, axis=0)
 
 
@@ -162,24 +178,24 @@ def nft_loss_finish_kernel(
     weight_neg = 1.0
     if not VELOCITY_SPACE:
         scale = tl.load(t_ptr + sample).to(tl.float32)
-        abs_pos = _sample_total(partials_ptr, sample, num_chunks, 0, CHUNKS_POW2)
-        abs_neg = _sample_total(partials_ptr, sample, num_chunks, 1, CHUNKS_POW2)
+        abs_pos = _sample_total(partials_ptr, sample, num_chunks, PARTIAL_ABS_POS, CHUNKS_POW2)
+        abs_neg = _sample_total(partials_ptr, sample, num_chunks, PARTIAL_ABS_NEG, CHUNKS_POW2)
         weight_pos = tl.maximum(abs_pos * inv_n, eps)
         weight_neg = tl.maximum(abs_neg * inv_n, eps)
-    positive_loss = _sample_total(partials_ptr, sample, num_chunks, 2, CHUNKS_POW2) * inv_n / weight_pos
-    negative_loss = _sample_total(partials_ptr, sample, num_chunks, 3, CHUNKS_POW2) * inv_n / weight_neg
-    kl = _sample_total(partials_ptr, sample, num_chunks, 4, CHUNKS_POW2) * inv_n
-    old_deviation = _sample_total(partials_ptr, sample, num_chunks, 5, CHUNKS_POW2) * inv_n
-    x0_norm = _sample_total(partials_ptr, sample, num_chunks, 6, CHUNKS_POW2) * inv_n
+    positive_loss = _sample_total(partials_ptr, sample, num_chunks, PARTIAL_SQ_POS, CHUNKS_POW2) * inv_n / weight_pos
+    negative_loss = _sample_total(partials_ptr, sample, num_chunks, PARTIAL_SQ_NEG, CHUNKS_POW2) * inv_n / weight_neg
+    kl = _sample_total(partials_ptr, sample, num_chunks, PARTIAL_SQ_REF, CHUNKS_POW2) * inv_n
+    old_deviation = _sample_total(partials_ptr, sample, num_chunks, PARTIAL_SQ_OLD, CHUNKS_POW2) * inv_n
+    x0_norm = _sample_total(partials_ptr, sample, num_chunks, PARTIAL_SQ_X0, CHUNKS_POW2) * inv_n
     sample_loss = adv_clip_max * (r * positive_loss + (1.0 - r) * negative_loss) / beta + kl_coef * kl
 
     is_first = chunk == 0
-    tl.store(per_sample_ptr + 0 * batch + sample, positive_loss, mask=is_first)
-    tl.store(per_sample_ptr + 1 * batch + sample, negative_loss, mask=is_first)
-    tl.store(per_sample_ptr + 2 * batch + sample, kl, mask=is_first)
-    tl.store(per_sample_ptr + 3 * batch + sample, old_deviation, mask=is_first)
-    tl.store(per_sample_ptr + 4 * batch + sample, x0_norm, mask=is_first)
-    tl.store(per_sample_ptr + 5 * batch + sample, sample_loss, mask=is_first)
+    tl.store(per_sample_ptr + ROW_POSITIVE_LOSS * batch + sample, positive_loss, mask=is_first)
+    tl.store(per_sample_ptr + ROW_NEGATIVE_LOSS * batch + sample, negative_loss, mask=is_first)
+    tl.store(per_sample_ptr + ROW_KL * batch + sample, kl, mask=is_first)
+    tl.store(per_sample_ptr + ROW_OLD_DEVIATION * batch + sample, old_deviation, mask=is_first)
+    tl.store(per_sample_ptr + ROW_X0_NORM * batch + sample, x0_norm, mask=is_first)
+    tl.store(per_sample_ptr + SAMPLE_LOSS * batch + sample, sample_loss, mask=is_first)
 
     coef_pos = -grad_scale * adv_clip_max * scale * r / weight_pos
     coef_neg = grad_scale * adv_clip_max * scale * (1.0 - r) / weight_neg
@@ -256,21 +272,45 @@ def launch_nft_loss(
     strides = [x.stride(0) for x in (*rows, ref_rows)]
     t = t.to(device=device, dtype=torch.float32).contiguous()
     r = r.to(device=device, dtype=torch.float32).contiguous()
-    partials = torch.empty((batch, num_chunks, NUM_PARTIALS), device=device, dtype=torch.float32)
-    per_sample = torch.empty((NUM_PER_SAMPLE, batch), device=device, dtype=torch.float32)
+    partials = torch.empty((batch, num_chunks, NUM_PARTIALS.value), device=device, dtype=torch.float32)
+    per_sample = torch.empty((NUM_PER_SAMPLE.value, batch), device=device, dtype=torch.float32)
     grad = torch.empty((batch, n_per_sample), device=device, dtype=v_theta.dtype)
     grid = (batch, num_chunks)
     flags = dict(VELOCITY_SPACE=velocity_space, HAS_REF=has_ref, BLOCK=block)
 
     nft_loss_partials_kernel[grid](
-        *rows, ref_rows, t, partials, *strides,
-        n_per_sample, chunk_size, num_chunks, beta, **flags,
-    )  # fmt: skip
+        *rows,
+        ref_rows,
+        t,
+        partials,
+        *strides,
+        n_per_sample,
+        chunk_size,
+        num_chunks,
+        beta,
+        **flags,
+    )
     nft_loss_finish_kernel[grid](
-        *rows, ref_rows, t, r, partials, per_sample, grad, *strides,
-        batch, n_per_sample, 1.0 / n_per_sample, 2.0 / (batch * n_per_sample),
-        chunk_size, num_chunks, beta, kl_coef, adv_clip_max, eps,
-        CHUNKS_POW2=triton.next_power_of_2(num_chunks), **flags,
-    )  # fmt: skip
-    loss = per_sample[SAMPLE_LOSS].sum() / batch
-    return loss, grad.view(v_theta.shape), per_sample[:SAMPLE_LOSS]
+        *rows,
+        ref_rows,
+        t,
+        r,
+        partials,
+        per_sample,
+        grad,
+        *strides,
+        batch,
+        n_per_sample,
+        1.0 / n_per_sample,
+        2.0 / (batch * n_per_sample),
+        chunk_size,
+        num_chunks,
+        beta,
+        kl_coef,
+        adv_clip_max,
+        eps,
+        CHUNKS_POW2=triton.next_power_of_2(num_chunks),
+        **flags,
+    )
+    loss = per_sample[SAMPLE_LOSS.value].sum() / batch
+    return loss, grad.view(v_theta.shape), per_sample[: SAMPLE_LOSS.value]

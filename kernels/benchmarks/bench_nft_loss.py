@@ -1,14 +1,15 @@
 """Forward + backward of the NFT loss: the reference code's eager expression, torch.compile of
 the torch path, and the fused Triton kernel, side by side in one process.
 
-    python benchmarks/bench_nft_loss.py [--out DIR] [--ledger PATH] [--shapes ...] [--device ...]
+    python kernels/benchmarks/bench_nft_loss.py [--out DIR] [--ledger PATH] [--shapes ...] [--device ...]
 
 Reports the median and 20/80 % quantiles, and bandwidth two ways: over the minimal bytes (read
 every input once, write the gradient once) for every provider, and over the bytes the Triton
 path actually moves (both passes read the inputs; backward reads and writes the gradient),
 against a device-to-device copy measured in the same run. Inputs: bf16 velocities and data,
 with the reference velocity and kl_coef = 1e-4 as in the reference recipe. On a CPU the Triton
-provider is skipped (the interpreter measures nothing useful).
+provider is skipped (the interpreter measures nothing useful). Needs only torch (and triton on
+a GPU): it imports fastnft_kernels, never fastnft.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from fastnft.benchmarking import append_rows, environment, measure
 from fastnft_kernels import nft_loss, nft_loss_torch, triton_available
+from fastnft_kernels.benchmarking import append_rows, environment, measure
 
 SHAPES = {
     "tiny": (2, 4, 8, 8),  # seconds on any machine: for checking that the script works
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    env = environment(device)
+    env = environment(device, checkout=Path(__file__))
     results = run(args.shapes, device, torch.bfloat16)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "nft_loss.json").write_text(json.dumps({"environment": env, "results": results}, indent=2))

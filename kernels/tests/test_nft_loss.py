@@ -1,5 +1,6 @@
 """fastnft_kernels.nft_loss: both paths against an independent float64 transcription of the
-formula (docs/algorithm.md, section 5), forwards and gradients, per-dtype tolerances, odd shapes."""
+formula (the nft_loss module docstring; section 5 of fastnft's docs/algorithm.md), forwards and
+gradients, per-dtype tolerances, odd shapes."""
 
 import pytest
 import torch
@@ -15,9 +16,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCES = {"fp32": (2e-5, 2e-5), "bf16": (2e-5, 8e-3), "fp16": (2e-5, 1e-3), "mixed": (2e-5, 8e-3)}
 
 
-def float64_nft_loss(v_theta, v_old, x0, noise, t, r, *, beta, v_ref, kl_coef, adv_clip_max,
-                     loss_space, eps, weights=None):  # fmt: skip
-    """docs/algorithm.md section 5 in float64, written apart from the library. `weights`
+def float64_nft_loss(
+    v_theta, v_old, x0, noise, t, r, *, beta, v_ref, kl_coef, adv_clip_max, loss_space, eps, weights=None
+):
+    """The formula in float64, written apart from the library. `weights`
     (w_pos, w_neg) replaces the detached adaptive weights by constants."""
     batch = v_theta.shape[0]
     v_theta, v_old, x0, noise = (x.double().reshape(batch, -1) for x in (v_theta, v_old, x0, noise))
@@ -190,11 +192,9 @@ def test_triton_many_chunks_and_partial_blocks(loss_space):
     # 770 elements per sample in 13 chunks of 64 (blocks of 16): the last chunk and block are partial.
     inputs = make_inputs((3, 2, 5, 77), with_ref=True, seed=6)
     expected_loss, expected_grad, expected = expected_loss_and_grad(inputs, loss_space=loss_space, kl_coef=0.3)
-    loss, grad, diagnostics = launch_nft_loss(
-        inputs["v_theta"], inputs["v_old"], inputs["x0"], inputs["noise"], inputs["t"], inputs["r"],
-        inputs["v_ref"], beta=1.0, kl_coef=0.3, adv_clip_max=5.0,
-        velocity_space=loss_space == "velocity", eps=1e-5, block=16, chunk_size=64,
-    )  # fmt: skip
+    tensors = [inputs[k] for k in ["v_theta", "v_old", "x0", "noise", "t", "r", "v_ref"]]
+    options = dict(beta=1.0, kl_coef=0.3, adv_clip_max=5.0, velocity_space=loss_space == "velocity", eps=1e-5)
+    loss, grad, diagnostics = launch_nft_loss(*tensors, **options, block=16, chunk_size=64)
     assert_close(loss, expected_loss, rtol=2e-5, atol=1e-7, name="loss")
     assert_close(grad, expected_grad, rtol=2e-5, atol=2e-5 * float(expected_grad.abs().max()), name="grad")
     for row, name in enumerate(["positive_loss", "negative_loss", "kl", "old_deviation", "x0_norm"]):
@@ -307,8 +307,8 @@ BAD_ARGUMENTS = {
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
 def test_bad_arguments_raise_value_errors_naming_them(case):
     overrides, message = BAD_ARGUMENTS[case]
-    arguments = dict(v_theta=torch.zeros(2, 4), v_old=torch.zeros(2, 4), x0=torch.zeros(2, 4),
-                     noise=torch.zeros(2, 4), t=torch.ones(2), r=torch.ones(2))  # fmt: skip
+    zeros = torch.zeros(2, 4)
+    arguments = dict(v_theta=zeros, v_old=zeros, x0=zeros, noise=zeros, t=torch.ones(2), r=torch.ones(2))
     with pytest.raises(ValueError, match=message):
         nft_loss(**{**arguments, **overrides})
 

@@ -1,0 +1,181 @@
+"""The NFT update on clean samples (docs/algorithm.md, sections 5 and 6): each image trains on
+int(timestep_fraction * steps) grid times in random order with fresh noise; gradients of all
+(micro-batch, timestep) pairs of an optimizer step accumulate locally and synchronise across
+ranks on the step's last pair; clip, step, then the EMA step.
+
+No host sync per pair: the loss and diagnostics accumulate on the device (float64, in pair
+order) and are read once, when the update ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from fastnft.config import Config
+from fastnft.distributed import World, gradient_sync, mean_over_ranks
+from fastnft.models import TextEmbedding
+from fastnft.policy import Policies
+from fastnft.rng import generator, keyed_randn
+from fastnft.rollout import progress_bar
+from fastnft.schedules import ema_decay
+from fastnft.velocity import Velocity
+from fastnft_kernels import NFTLossOutput, nft_loss, nft_loss_torch
+
+PAIR_METRICS = ("loss", "positive_loss", "negative_loss", "kl", "old_deviation", "x0_norm")
+_OPTIMIZER_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+class NFTUpdate:
+    """Owns the optimizer, the GradScaler (reference precision on a GPU) and the optimizer-step
+    count; Stateful for checkpoints."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        policies: Policies,
+        velocity: Velocity,
+        optimizer: torch.optim.Optimizer,
+        grad_scaler: torch.amp.GradScaler | None,
+        grid: Tensor,
+        sample_shape: tuple[int, ...],
+        world: World,
+        device: torch.device,
+        progress: bool,
+    ) -> None:
+        self.config = config
+        self.policies = policies
+        self.velocity = velocity
+        self.optimizer = optimizer
+        self.grad_scaler = grad_scaler
+        self.grid = grid
+        self.sample_shape = sample_shape
+        self.world = world
+        self.device = device
+        self.progress = progress
+        self.steps = 0  # optimizer steps so far
+
+    def __call__(
+        self, x0: Tensor, text: TextEmbedding, probability: Tensor, iteration: int, indices: list[int]
+    ) -> dict[str, float | None]:
+        """Trains on this rank's clean samples x0 (global image indices `indices`, optimality
+        probabilities `probability`): optim.steps_per_iteration optimizer steps. Returns the
+        mean of each pair metric over the pairs and ranks, and the mean pre-clip grad norm."""
+        config = self.config
+        nft = config.nft
+        steps = config.rollout.steps
+        trained_times = int(nft.timestep_fraction * steps)
+        subsets = torch.stack(
+            [
+                torch.randperm(steps, generator=generator(config.seed, iteration, index, "timestep_subset"))
+                for index in indices
+            ]
+        )[:, :trained_times]
+        micro_batches = [list(range(s, s + nft.micro_batch_size)) for s in range(0, len(x0), nft.micro_batch_size)]
+        per_step = len(micro_batches) // config.optim.steps_per_iteration
+        pairs_per_step = per_step * trained_times
+        sums = torch.zeros(len(PAIR_METRICS), dtype=torch.float64, device=self.device)
+        grad_norm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        with progress_bar(len(micro_batches) * trained_times, f"train {iteration}", self.progress) as bar:
+            for number, positions in enumerate(micro_batches):
+                rows = torch.tensor(positions, device=self.device)
+                clean, cond, r = x0[rows], text.index(rows), probability[rows]
+                image_ids = [indices[p] for p in positions]
+                for slot in range(trained_times):
+                    t = self.grid[subsets[positions, slot]].to(self.device)
+                    noise = keyed_randn(
+                        self.sample_shape, config.seed, iteration, image_ids, "training_noise", slot, device=self.device
+                    )
+                    syncs = (number + 1) % per_step == 0 and slot == trained_times - 1
+                    with gradient_sync(self.policies.grad_module, syncs):
+                        out = self.pair_loss(clean, noise, t, r, cond)
+                        loss = out.loss / pairs_per_step
+                        (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
+                    pair = [out.loss.detach(), *(getattr(out, key).detach().mean() for key in PAIR_METRICS[1:])]
+                    sums += torch.stack([value.double() for value in pair])
+                    bar.update(1)
+                if (number + 1) % per_step == 0:
+                    grad_norm_sum += self.optimizer_step().double()
+        pairs = len(micro_batches) * trained_times
+        means = mean_over_ranks(self.world, sums / pairs)
+        values = torch.cat([means, grad_norm_sum.view(1) / config.optim.steps_per_iteration]).tolist()
+        metrics: dict[str, float | None] = dict(zip((*PAIR_METRICS, "grad_norm"), values, strict=True))
+        if nft.kl_coef == 0:
+            metrics["kl"] = None
+        return metrics
+
+    def pair_loss(self, x0: Tensor, noise: Tensor, t: Tensor, r: Tensor, text: TextEmbedding) -> NFTLossOutput:
+        """One (micro-batch, timestep) pair: old (and reference) velocities without grad, the
+        trained velocity with grad, and the NFT loss."""
+        nft = self.config.nft
+        policies, velocity = self.policies, self.velocity
+        t_b = t.view(-1, *[1] * (x0.ndim - 1))
+        x_t = (1 - t_b) * x0 + t_b * noise
+        with torch.no_grad():
+            v_ref = None
+            if nft.kl_coef > 0 and nft.batch_old_ref:  # one forward of 2n rows: old, then reference
+                with policies.old_then_reference() as both:
+                    doubled = velocity(both, torch.cat([x_t, x_t]), torch.cat([t, t]), TextEmbedding.cat([text, text]))
+                v_old, v_ref = doubled.chunk(2)
+            else:
+                with policies.role("old") as old:
+                    v_old = velocity(old, x_t, t, text)
+                if nft.kl_coef > 0:
+                    with policies.role("ref") as ref:
+                        v_ref = velocity(ref, x_t, t, text)
+        with policies.role("trained"):
+            v_theta = velocity(policies.grad_module, x_t, t, text)
+        options: dict[str, Any] = {
+            "beta": nft.beta,
+            "v_ref": v_ref,
+            "kl_coef": nft.kl_coef,
+            "adv_clip_max": nft.adv_clip_max,
+            "loss_space": nft.loss_space,
+            "eps": nft.eps,
+        }
+        if nft.loss_backend == "reference":  # the reference code's eager loss, adaptive weights in float64
+            return nft_loss_torch(v_theta, v_old, x0, noise, t, r, **options, weight_dtype=torch.float64)
+        return nft_loss(v_theta, v_old, x0, noise, t, r, **options, backend=nft.loss_backend)
+
+    def optimizer_step(self) -> Tensor:
+        """Clip, step, zero the gradients, then the EMA step; returns the pre-clip grad norm
+        (a device scalar: reading it would sync)."""
+        parameters = list(self.policies.trained_parameters().values())
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        clip = self.config.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        if self.config.ema.enabled:
+            self.policies.update_ema(ema_decay(self.steps, self.config.ema.max_decay))
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        optimizer = get_optimizer_state_dict(self.policies.transformer, self.optimizer, options=_OPTIMIZER_OPTIONS)
+        state = {"optimizer": optimizer, "steps": self.steps}
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(
+            self.policies.transformer, self.optimizer, optim_state_dict=state["optimizer"], options=_OPTIMIZER_OPTIONS
+        )
+        if self.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.steps = int(state["steps"])
