@@ -92,7 +92,7 @@ def test_reference_and_fast_paths_compute_the_same_loss(tensors):
     torch.testing.assert_close(fixed_loss(with_bf16, tensors), tensors["reference_loss"], rtol=2e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", sorted(applicable_switches(CPU)))
+@pytest.mark.parametrize("name", sorted(applicable_switches(CPU, bench_config("tiny", SHORT, "reference", CPU))))
 def test_each_switch_flips_its_state_and_keeps_the_loss(name, tensors):
     switch = SWITCHES[name]
     states, losses = [], []
@@ -106,3 +106,14 @@ def test_each_switch_flips_its_state_and_keeps_the_loss(name, tensors):
     assert states[0] != states[1], f"{name} changed nothing observable: {switch.state} = {states[0]!r}"
     tolerance = 2e-2 if name == "bf16_weights" else 1e-4
     torch.testing.assert_close(losses[0], losses[1], rtol=tolerance, atol=tolerance / 10)
+
+
+def test_full_fine_tuning_with_8bit_states_benches_without_the_lora_and_adamw_switches(tmp_path):
+    out = tmp_path / "full"
+    arguments = ["bench", "--preset", "tiny", "--out", str(out), "--phases", "train", "--flip", "none"]
+    arguments += ["--warmup", "1", "--repeats", "1", "lora.enabled=false", "optim.name=adamw8bit-bnb", *SHORT]
+    assert main(arguments) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["switches"]["fast"]["optimizer"] == "AdamW8bit"
+    assert result["switches"]["fast"]["transformer_calls_per_pair"] == 3  # old, reference, trained
+    assert result["phases"]["train"]["fast"] > 0

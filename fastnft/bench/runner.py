@@ -145,7 +145,7 @@ def run_bench(
     if "iteration" in phases:
         result["switch_speedups"] = {}
         fast_seconds = timings["fast"]["iteration"]["median_s"]
-        for name in applicable_switches(device, probe.lora.enabled) if flips is None else flips:
+        for name in applicable_switches(device, probe) if flips is None else flips:
             trainer = fresh_trainer(bench_config(preset, overrides, "fast", device, flipped=name))
             timing = time_phase(trainer.run_iteration, device, warmup, repeats)
             result["switch_speedups"][name] = {

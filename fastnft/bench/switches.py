@@ -25,7 +25,7 @@ class Switch:
     reference: Any
     state: str  # the key of `observe` (or `count_iteration`) that must change when the switch flips
     cuda_only: bool = False  # means nothing on a CPU (e.g. cuDNN attention)
-    lora_only: bool = False  # means nothing for full fine-tuning (the config refuses it there)
+    applies: Callable[[Config], bool] = lambda config: True  # the config refuses the switch where it is false
     fast_on_cpu: bool = True  # part of the CPU fast path (measured: bf16 weights slow small CPU models)
 
 
@@ -36,19 +36,18 @@ SWITCHES = {
     "compile": Switch("compile.enabled", True, False, "compiled_blocks"),
     "attention": Switch("model.attention", "sdpa-cudnn", "sdpa", "attention", cuda_only=True),
     "vae_channels_last": Switch("model.vae_channels_last", True, False, "vae_memory_format"),
-    "fused_adamw": Switch("optim.fused", True, False, "optimizer"),
-    "batch_old_ref": Switch("nft.batch_old_ref", True, False, "transformer_calls_per_pair", lora_only=True),
+    "fused_adamw": Switch("optim.fused", True, False, "optimizer", applies=lambda config: config.optim.name == "adamw"),
+    "batch_old_ref": Switch(
+        "nft.batch_old_ref", True, False, "transformer_calls_per_pair", applies=lambda config: config.lora.enabled
+    ),
     "rollout_cuda_graphs": Switch("rollout.cuda_graphs", True, False, "rollout_cuda_graphs", cuda_only=True),
 }
 
 
-def applicable_switches(device: torch.device, lora: bool = True) -> dict[str, Switch]:
-    """The switches that mean something on this device, for LoRA or full fine-tuning."""
-    return {
-        name: s
-        for name, s in SWITCHES.items()
-        if (device.type == "cuda" or not s.cuda_only) and (lora or not s.lora_only)
-    }
+def applicable_switches(device: torch.device, config: Config) -> dict[str, Switch]:
+    """The switches that mean something on this device for this config (the preset's, before
+    the paths' overrides)."""
+    return {name: s for name, s in SWITCHES.items() if (device.type == "cuda" or not s.cuda_only) and s.applies(config)}
 
 
 def fast_on(switch: Switch, device: torch.device) -> bool:
@@ -56,10 +55,10 @@ def fast_on(switch: Switch, device: torch.device) -> bool:
     return device.type == "cuda" or switch.fast_on_cpu
 
 
-def path_overrides(path: str, device: torch.device, lora: bool, flipped: str | None = None) -> list[str]:
+def path_overrides(path: str, device: torch.device, config: Config, flipped: str | None = None) -> list[str]:
     """Overrides for path "reference" or "fast", optionally with the switch `flipped` the other way."""
     overrides = []
-    for name, switch in applicable_switches(device, lora).items():
+    for name, switch in applicable_switches(device, config).items():
         on = path == "fast" and fast_on(switch, device)
         value = switch.fast if on != (name == flipped) else switch.reference
         overrides.append(f"{switch.field}={json.dumps(value)}")
@@ -79,8 +78,8 @@ def bench_config(
     preset: str, overrides: list[str], path: str, device: torch.device, flipped: str | None = None
 ) -> Config:
     quiet = ["logging.progress=false", "logging.tensorboard=false", *overrides]
-    lora = load_config(preset_path(preset), quiet).lora.enabled
-    return load_config(preset_path(preset), [*quiet, *path_overrides(path, device, lora, flipped)])
+    config = load_config(preset_path(preset), quiet)
+    return load_config(preset_path(preset), [*quiet, *path_overrides(path, device, config, flipped)])
 
 
 def frozen_weight_dtype(trainer: Trainer) -> str:
