@@ -168,7 +168,7 @@ class OptimConfig:
     eps: PositiveFloat = 1e-8
     grad_clip: NonNegativeFloat = 1.0  # 0: no clipping
     steps_per_iteration: Positive = 1
-    bf16_stochastic_round: bool = False  # torchao only
+    bf16_stochastic_round: bool = False  # full fine-tuning: bf16 trained weights, updates rounded stochastically
     fused: bool = False  # torch AdamW's fused implementation (adamw only)
 
 
@@ -505,4 +505,9 @@ def validate(config: Config, base: Path) -> None:
         not config.optim.bf16_stochastic_round or config.optim.name == "adamw8bit-torchao",
         "optim.bf16_stochastic_round",
         "needs optim.name = adamw8bit-torchao",
+    )
+    _require(
+        not config.optim.bf16_stochastic_round or not config.lora.enabled,
+        "optim.bf16_stochastic_round",
+        "trains bf16 weights, which full fine-tuning has (lora.enabled: false); LoRA adapters train in fp32",
     )

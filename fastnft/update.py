@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 from fastnft.config import Config
 from fastnft.distributed import World, gradient_sync, mean_over_ranks
 from fastnft.models import TextEmbedding
+from fastnft.optimizers import from_quantized_parts, quantized_parts
 from fastnft.policy import Policies
 from fastnft.rng import generator, keyed_randn
 from fastnft.rollout import progress_bar
@@ -165,16 +166,29 @@ class NFTUpdate:
             self.policies.update_ema(ema_decay(self.steps, self.config.ema.max_decay))
         return norm
 
+    def _optimizer_state(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.policies.transformer, self.optimizer, options=_OPTIMIZER_OPTIONS)
+
     def state_dict(self) -> dict[str, Any]:
-        optimizer = get_optimizer_state_dict(self.policies.transformer, self.optimizer, options=_OPTIMIZER_OPTIONS)
+        optimizer = self._optimizer_state()
+        optimizer["state"] = {
+            name: {key: quantized_parts(value) for key, value in per_parameter.items()}
+            for name, per_parameter in optimizer["state"].items()
+        }
         state = {"optimizer": optimizer, "steps": self.steps}
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        live = self._optimizer_state()["state"]
+        optimizer = dict(state["optimizer"])
+        optimizer["state"] = {
+            name: {key: from_quantized_parts(value, live[name][key]) for key, value in per_parameter.items()}
+            for name, per_parameter in optimizer["state"].items()
+        }
         set_optimizer_state_dict(
-            self.policies.transformer, self.optimizer, optim_state_dict=state["optimizer"], options=_OPTIMIZER_OPTIONS
+            self.policies.transformer, self.optimizer, optim_state_dict=optimizer, options=_OPTIMIZER_OPTIONS
         )
         if self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])

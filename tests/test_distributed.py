@@ -55,12 +55,12 @@ def training_rows(run_dir: Path) -> list[dict]:
     return [row for row in rows if "loss" in row]
 
 
-def assert_same_training_state(first: dict, second: dict) -> None:
+def assert_same_training_state(first: dict, second: dict, atol: float = 1e-6) -> None:
     for group in ("trained", "old", "ema"):
         first_weights, second_weights = first["policies"][group], second["policies"][group]
         assert first_weights.keys() == second_weights.keys()
         for name, value in first_weights.items():
-            torch.testing.assert_close(value, second_weights[name], rtol=1e-4, atol=1e-6, msg=f"{group}/{name}")
+            torch.testing.assert_close(value, second_weights[name], rtol=1e-4, atol=atol, msg=f"{group}/{name}")
     assert first["progress"]["iteration"] == second["progress"]["iteration"]
     assert first["update"]["steps"] == second["update"]["steps"]
 
@@ -164,3 +164,21 @@ def test_fsdp2_full_fine_tuning_matches_one_rank_and_resumes(tmp_path, one_threa
     for resumed in (on_two, on_one):
         assert training_rows(resumed)[-1]["loss"] == pytest.approx(uninterrupted, rel=1e-4)
         assert_same_training_state(checkpoint(resumed, 2, tmp_path), end)
+
+
+def test_fsdp2_with_torchao_8bit_states_trains_and_resumes_on_two_ranks(tmp_path):
+    """torchao's AdamW8bit on FSDP2 shards: it trains on 2 ranks, and its iteration-1 checkpoint
+    resumes on 2 ranks to the uninterrupted run. Sharded 8-bit states are stored dequantized (so
+    DCP can reshard them) and quantized again on load, which moves a block's scale by rounding:
+    the resumed weights agree to 1e-5 (lr is 3e-4), not bit for bit. Not compared with 1 rank:
+    each shard quantizes in blocks of its own."""
+    straight = tmp_path / "straight"
+    overrides = [*QUIET, *FULL_FSDP2, "optim.name=adamw8bit-torchao", "eval.every=0"]
+    torchrun([str(TINY_CONFIG), "--out", str(straight), *overrides])
+    end = checkpoint(straight, 2, tmp_path)
+    assert_weights_moved(checkpoint(straight, 1, tmp_path), end)
+    assert end["update"]["optimizer"]["state"]  # the 8-bit states were checkpointed
+    resumed = resume_copy(straight, tmp_path / "resumed", iteration=1)
+    torchrun(["--resume", str(resumed)])
+    assert training_rows(resumed)[-1]["loss"] == pytest.approx(training_rows(straight)[-1]["loss"], rel=1e-6)
+    assert_same_training_state(checkpoint(resumed, 2, tmp_path), end, atol=1e-5)

@@ -11,13 +11,22 @@ from tests.helpers import tiny_config
 
 
 def snapshot(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """Copies of the weights of each policy and of the optimizer's state (8-bit states
+    dequantized, bitsandbytes' nested entries flattened)."""
+
+    def flatten(prefix: str, value) -> dict[str, torch.Tensor]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(f"{prefix}.{key}", item).items()}
+        if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:  # torchao's 8-bit state
+            value = value.dequantize()
+        return {prefix: torch.as_tensor(value).float().clone()}
+
     policies = trainer.policies
-    optimizer = trainer.update.optimizer.state_dict()["state"]
     return {
         "trained": {k: v.detach().clone() for k, v in policies.trained_parameters().items()},
         "old": {k: v.detach().clone() for k, v in policies.old_parameters().items()},
         "ema": {k: v.clone() for k, v in policies.ema.items()},
-        "optimizer": {f"{i}.{k}": v.clone() for i, s in optimizer.items() for k, v in s.items()},
+        "optimizer": flatten("state", trainer.update.optimizer.state_dict()["state"]),
     }
 
 
