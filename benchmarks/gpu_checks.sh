@@ -22,7 +22,7 @@
 #   bench.log         its output, bench.md appended
 #   ledger.csv        the ledger rows of the bench, the loss-kernel benchmark and flux-dev
 #   nft_loss.tar.gz   the loss-kernel benchmark: its log, nft_loss.json, nft_loss.md
-#   pytest_gpu.log    pytest -m gpu (the tests that need a CUDA device)
+#   pytest_gpu.log    pytest -m gpu (CUDA-only tests and the loss-kernel tests, compiled for real)
 #   extras.tar.gz     with the time left, each stage's log and outputs: switch flips (iteration only),
 #                     full fine-tuning memory with 8-bit AdamW states (torchao; train phase only),
 #                     the flux-dev preset when configs/flux-dev.yaml exists

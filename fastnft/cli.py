@@ -1,6 +1,6 @@
 """The command line:
 
-    fastnft train [CONFIG] [--out DIR] [--iterations N] [--resume DIR] [key=value ...]
+    fastnft train [CONFIG] [--out DIR [--overwrite]] [--iterations N] [--resume DIR] [key=value ...]
     fastnft sample RUN_OR_CHECKPOINT --prompts FILE_OR_TEXT [--cfg S] [--out DIR]
     fastnft eval RUN_OR_CHECKPOINT [--prompts FILE] [--out DIR]
     fastnft pretrain shapes [--out DIR] [--steps N] ...
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run directory (default runs/<config name>)")
     train.add_argument("--iterations", type=int, help="total number of iterations to reach")
     train.add_argument("--resume", type=Path, help="continue the run in this directory")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run that --out holds (its files are removed first)"
+    )
 
     sample = commands.add_parser("sample", help="generate images with a run's EMA weights")
     sample.add_argument("checkpoint", type=Path, help="a run directory or one of its checkpoints")
@@ -79,6 +82,8 @@ def _resolve_train_config(args: argparse.Namespace) -> tuple[Config, Path, bool]
     config_path, overrides = _split_config_and_overrides(args)
     if args.iterations is not None:
         overrides = [*overrides, f"iterations={args.iterations}"]
+    if args.resume is not None and args.overwrite:
+        raise ConfigError("--overwrite: a resumed run keeps its files; drop --overwrite or --resume")
     if args.resume is None:
         config = load_config(config_path or default_config_path(), overrides)
         name = Path(config_path).stem if config_path else "default"
@@ -104,25 +109,29 @@ def default_config_path() -> Path:
 
 
 def _run_dir_of(checkpoint: Path) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint) for a run directory or a checkpoint directory inside one."""
-    from fastnft.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+    """(run directory, the checkpoint named, if one is) for a run directory or a checkpoint
+    directory inside one."""
+    from fastnft.checkpoint import CHECKPOINT_DIR
 
     checkpoint = checkpoint.resolve()
     if checkpoint.parent.name == CHECKPOINT_DIR:
         return checkpoint.parent.parent, checkpoint
     if not (checkpoint / "config.yaml").is_file():
         raise ConfigError(f"checkpoint: {checkpoint} is neither a run directory nor a checkpoint")
-    return checkpoint, latest_checkpoint(checkpoint)
+    return checkpoint, None
 
 
 def _load_for_inference(checkpoint: Path, prompts: PromptSet, *, with_rewards: bool):
+    """A named checkpoint loads as it is; a run directory loads its newest checkpoint that reads
+    back (falling back past damaged ones with a warning)."""
+    from fastnft.checkpoint import list_checkpoints
     from fastnft.inference import load_evaluator
 
-    run_dir, path = _run_dir_of(checkpoint)
-    if path is None:
+    run_dir, named = _run_dir_of(checkpoint)
+    if named is None and not list_checkpoints(run_dir):
         raise ConfigError(f"checkpoint: {run_dir} has no checkpoint yet")
     config = load_config(run_dir / "config.yaml")
-    return (config, run_dir, *load_evaluator(config, path, prompts, with_rewards=with_rewards))
+    return (config, run_dir, *load_evaluator(config, named or run_dir, prompts, with_rewards=with_rewards))
 
 
 def _prompt_set(text_or_file: str | Path) -> PromptSet:
@@ -194,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
+            from fastnft.models import check_model_rules
             from fastnft.run import train
 
             config, run_dir, resume = _resolve_train_config(args)
-            train(config, run_dir, resume=resume, argv=argv)
+            check_model_rules(config)  # before anything is written
+            train(config, run_dir, resume=resume, overwrite=args.overwrite, argv=argv)
             return 0
         if args.command == "sample":
             return command_sample(args)

@@ -82,13 +82,18 @@ Sampler = Literal["dpm2m", "euler", "sde"]
 
 @dataclass
 class ModelConfig:
-    kind: Literal["sd3", "sd3-pixel"] = "sd3"  # the model adapter; sd3-pixel: pixel space, one text encoder
+    # the model adapter; auto: a preset's family, else the pipeline class in model.path's model_index.json
+    # (sd3-pixel, pixel space with one text encoder, has no index: name it)
+    kind: Literal["auto", "sd3", "sd3-pixel", "flux"] = "auto"
     path: str | None = None  # a local pipeline directory (model_index.json, transformer/, vae/, ...)
     component_paths: dict[str, str] = field(default_factory=dict)  # per-component overrides, e.g. {"vae": DIR}
     preset: str | None = None  # build random-init components from a named preset instead of loading
     resolution: Positive = 512
     clip_max_length: Positive = 77
     t5_max_length: Positive = 128
+    # FLUX.1-dev's guidance input (guidance-distilled; not classifier-free guidance, which is
+    # rollout.guidance_scale): None = 3.5 when the transformer takes one
+    guidance: NonNegativeFloat | None = None
     precision: Literal["bf16", "fp32", "reference"] = "bf16"  # frozen weights; reference: fp32 + fp16 autocast
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash-attn"] = "sdpa"
@@ -120,7 +125,7 @@ class RolloutConfig:
     batch_size: Positive = 24  # images per sampler call
     sampler: Sampler = "dpm2m"
     steps: Positive = 10
-    shift: PositiveFloat = 3.0
+    shift: PositiveFloat | None = None  # the grid's static shift (eval's too); None: the model family's (SD3: 3.0)
     sde_noise_level: NonNegativeFloat = 0.7
     guidance_scale: Guidance = 1.0  # guidance only ever applies to rollouts and eval
     overlap_reward: bool = False  # decode and score each batch on a worker while the next one samples

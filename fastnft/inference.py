@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastnft.checkpoint import Progress, load_checkpoint
+from fastnft.checkpoint import Progress, load_from
 from fastnft.conditioning import TextConditioning
 from fastnft.config import Config
 from fastnft.distributed import World, init_world, resolve_device
 from fastnft.evaluation import Evaluator
 from fastnft.prompts import PromptSet
 from fastnft.rollout import KeyedSampler, Scorer
-from fastnft.sampling import timestep_grid
 from fastnft.trainer import build_policy_model, build_rewards
 from fastnft.velocity import Velocity, autocast_dtype
 
@@ -21,12 +20,13 @@ from fastnft.velocity import Velocity, autocast_dtype
 def load_evaluator(
     config: Config, checkpoint: Path, prompts: PromptSet, *, with_rewards: bool
 ) -> tuple[Evaluator, World, int]:
-    """(evaluator, world, the checkpoint's iteration) for the run of `config`."""
+    """(evaluator, world, the checkpoint's iteration) for the run of `config`. `checkpoint` is a
+    checkpoint, or a run directory: its newest checkpoint that loads."""
     world = init_world(config)
     device = resolve_device(config.device, world)
     model, policies, _ = build_policy_model(config, world, device)
     progress = Progress()
-    load_checkpoint({"policies": policies, "progress": progress}, checkpoint)
+    load_from({"policies": policies, "progress": progress}, checkpoint)
     conditioning = TextConditioning.build(
         model,
         config.model.text_encoding,
@@ -49,7 +49,7 @@ def load_evaluator(
         use_ema_weights=config.ema.enabled,
         conditioning=conditioning,
         sampler=sampler,
-        grid=timestep_grid(config.eval.steps, config.rollout.shift),
+        grid=model.timestep_grid(config.eval.steps, config.rollout.shift),
         model=model,
         scorer=Scorer(model, build_rewards(config), world) if with_rewards else None,
         world=world,

@@ -22,6 +22,37 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def truncate_rows(path: Path, iteration: int) -> None:
+    """Keeps the rows of metrics.jsonl up to `iteration`. A last line that does not parse is what
+    a kill during its write leaves: dropped with a warning. A bad line elsewhere is damage this
+    cannot repair: a ConfigError naming it, with the file left as it was."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text(errors="replace").splitlines()  # a torn line may end mid-character
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        row = _parse_row(line)
+        if row is None and number == len(lines):
+            print(f"fastnft: warning: {path}: dropped a torn last line (line {number})", file=sys.stderr)
+            continue
+        if row is None:
+            raise ConfigError(f"metrics: {path} line {number} is not a JSON row with an iteration")
+        if row["iteration"] <= iteration:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _parse_row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("iteration"), int) else None
+
+
 class MetricsLog:
     """metrics.jsonl, mirrored to TensorBoard and (optionally) Weights & Biases."""
 
@@ -48,12 +79,7 @@ class MetricsLog:
 
     def truncate_after(self, iteration: int) -> None:
         """Drops rows of iterations after `iteration` (work a resumed run redoes)."""
-        if not self.path.exists():
-            return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        truncate_rows(self.path, iteration)
 
     def append(self, row: dict[str, Any]) -> None:
         row = {key: _clean(value) for key, value in row.items()}

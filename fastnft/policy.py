@@ -124,15 +124,10 @@ class LoraPolicies(Policies):
             with warnings.catch_warnings():  # two adapters on one model are the design
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 transformer.add_adapter(peft_config, adapter_name=adapter)
-        self._trained = {}
-        self._old = {}
         for name, parameter in transformer.named_parameters():
             if ".lora_" in name:
                 parameter.data = parameter.data.float()  # adapters train in fp32 over bf16 base weights
-            if ".default." in name:
-                self._trained[name] = parameter
-            elif ".old." in name:
-                self._old[name.replace(".old.", ".default.")] = parameter
+        self._find_adapters()
         if not self._trained or self._trained.keys() != self._old.keys():
             raise ValueError(f"lora.target_modules: {targets} matched no layer of the transformer")
         # Switching roles touches only these layers: the model-level peft calls walk every module
@@ -145,6 +140,15 @@ class LoraPolicies(Policies):
         self._activate("trained")
         super().__init__()
 
+    def _find_adapters(self) -> None:
+        """The trained ("default") and old adapter weights, both under the trained names."""
+        self._trained, self._old = {}, {}
+        for name, parameter in self.transformer.named_parameters():
+            if ".default." in name:
+                self._trained[name] = parameter
+            elif ".old." in name:
+                self._old[name.replace(".old.", ".default.")] = parameter
+
     def trained_parameters(self) -> dict[str, nn.Parameter]:
         return self._trained
 
@@ -155,12 +159,17 @@ class LoraPolicies(Policies):
         return [self.transformer]
 
     def distribute(self, strategy: str, device: torch.device, compute_dtype: torch.dtype) -> None:
-        """DDP over the "default" adapter; the base and the "old" adapter are frozen, so DDP
-        never sees them."""
-        if strategy != "ddp":
-            raise ValueError(f"LoRA trains with ddp, not {strategy}")
+        """ddp: DDP over the "default" adapter (the base and the "old" adapter are frozen, so DDP
+        never sees them). fsdp2: the base and both adapters sharded per block, so a big base fits
+        few GPUs; the trained adapter's gradients are reduced, the old-adapter and EMA updates
+        stay shard-local."""
         self._activate("trained")
-        self.grad_module = wrap_ddp(self.transformer, device)
+        if strategy == "ddp":
+            self.grad_module = wrap_ddp(self.transformer, device)
+            return
+        shard_fsdp2(self.transformer, repeated_blocks(self.transformer), compute_dtype)
+        self._find_adapters()  # fully_shard replaced every parameter by a sharded one
+        self._reset_ema()
 
     def _activate(self, role: str) -> None:
         if role == self._active:

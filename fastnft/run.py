@@ -2,21 +2,34 @@
 and a clean stop (target reached, SIGTERM or Ctrl-C) that always leaves a checkpoint.
 
 Run directory: config.yaml (resolved), run.json, metrics.jsonl, tensorboard/, samples/,
-checkpoints/iteration_NNNNNN/ (DCP), export/ (the EMA weights, loadable by diffusers).
+checkpoints/iteration_NNNNNN/ (DCP), export/ (the EMA weights, loadable by diffusers), and
+run.lock while a run writes it. docs/reliability.md states what a run promises on disk.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fastnft.checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
-from fastnft.config import Config, dump_yaml, to_dict
-from fastnft.distributed import any_rank, barrier
-from fastnft.metrics import MetricsLog, NullLog, write_run_info
+from fastnft.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    error_line,
+    export_weights,
+    list_checkpoints,
+    load_latest,
+    save_checkpoint,
+    warn,
+)
+from fastnft.config import Config, ConfigError, dump_yaml, to_dict
+from fastnft.distributed import any_rank, init_world
+from fastnft.metrics import MetricsLog, NullLog, truncate_rows, write_run_info
 from fastnft.report import before_after, plot_curves, summary
 from fastnft.trainer import Trainer
 from fastnft.visual import save_grid
@@ -84,34 +97,191 @@ def evaluate_with_guidance(trainer: Trainer, log: MetricsLog | NullLog, run_dir:
     return row
 
 
-def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str] = ()) -> Trainer:
+RUN_FILES = (
+    "config.yaml",
+    "run.json",
+    "metrics.jsonl",
+    "curves.png",
+    "tensorboard",
+    "samples",
+    "checkpoints",
+    "export",
+    "eval",
+    "wandb",
+)
+"""What a run (and `fastnft eval` / `sample` on it) writes in its directory: --overwrite removes these."""
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((Path(path) / name).exists() for name in ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR))
+
+
+class RunLock:
+    """RUN/run.lock names the process (pid and host) writing the run, so that a second run on the
+    same directory refuses to start. Created with O_CREAT | O_EXCL, which only one process can
+    win; a lock whose process is gone (a killed run) is taken over with a warning."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "run.lock"
+        self.held = False
+
+    def live_owner(self) -> str | None:
+        """'process PID[ on HOST]' when a live process holds the lock, else None."""
+        try:
+            pid_text, _, host = self.path.read_text().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None  # no lock, or one its writer was killed before it could fill in
+        where = f" on {host}" if host and host != socket.gethostname() else ""
+        if pid <= 0 or (not where and not _alive(pid)):
+            return None
+        return f"process {pid}{where}"  # another host's process cannot be checked: taken as alive
+
+    def acquire(self, flag: str) -> None:
+        for _ in range(3):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._refuse_or_take_over(flag)
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+            self.held = True
+            return
+        raise ConfigError(f"{flag}: could not take the lock {self.path}")
+
+    def check(self, flag: str) -> None:
+        """Refuses, without writing, when a live process holds the lock."""
+        if self.path.exists():
+            self._refuse_or_take_over(flag, take_over=False)
+
+    def _refuse_or_take_over(self, flag: str, take_over: bool = True) -> None:
+        owner = self.live_owner()
+        if owner is not None:
+            raise ConfigError(
+                f"{flag}: {self.path.parent} is in use by {owner} (lock {self.path}; "
+                "delete it if that process is not a fastnft run)"
+            )
+        if take_over:
+            # Two processes taking over the same stale lock at once could both win; starting
+            # two runs on one directory within that instant is not a case worth a second lock.
+            warn(f"{self.path}: taking over the lock of a run that is gone")
+            self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuses, before anything is written, a directory this run must not start in."""
+    flag = "--resume" if resume else "--out"
+    if resume and overwrite:
+        raise ConfigError("--overwrite: a resumed run keeps its files; drop --overwrite or --resume")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{flag}: {run_dir} is a file, not a directory")
+    existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}: cannot create {run_dir}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: cannot write in {run_dir}: {existing} is not writable")
+    RunLock(run_dir).check(flag)
+    if resume and not list_checkpoints(run_dir):
+        raise ConfigError(
+            f"--resume: {run_dir} has no checkpoint to resume from; its files are kept "
+            f"(start again with --out {run_dir} --overwrite)"
+        )
+    if not resume and not overwrite and is_run_dir(run_dir):
+        raise ConfigError(
+            f"--out: {run_dir} holds a run already; continue it with --resume {run_dir}, or replace it with --overwrite"
+        )
+
+
+def open_run_dir(run_dir: Path, lock: RunLock, *, resume: bool, overwrite: bool) -> None:
+    """Checks the directory, creates it, takes its lock and, with overwrite, removes the old run's
+    files (only once the lock is ours: never under a live run)."""
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    flag = "--resume" if resume else "--out"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{flag}: cannot create {run_dir}: {error.strerror or error}") from None
+    lock.acquire(flag)
+    if overwrite:
+        try:
+            for name in RUN_FILES:
+                path = run_dir / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        except OSError as error:
+            lock.release()
+            raise ConfigError(f"--overwrite: cannot remove the old run in {run_dir}: {error}") from None
+
+
+def train(
+    config: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False, argv: list[str] = ()
+) -> Trainer:
     """Trains until config.iterations (the total target) or a stop request. Under torchrun every
-    rank runs this; rank 0 alone writes the records, grids and exports."""
+    rank runs this; rank 0 alone writes the records, grids and exports. A directory that holds a
+    run already needs resume (continue it) or overwrite (replace it)."""
     run_dir = Path(run_dir)
+    world = init_world(config)
+    lock = RunLock(run_dir)
+    refusal: ConfigError | None = None
+    if world.is_main:
+        try:
+            open_run_dir(run_dir, lock, resume=resume, overwrite=overwrite)
+        except ConfigError as error:
+            refusal = error
+    if any_rank(world, refusal is not None):
+        raise refusal or ConfigError(f"--out: {run_dir}: refused on rank 0")
+    try:
+        return _train(config, run_dir, resume=resume, argv=argv)
+    finally:
+        lock.release()
+
+
+def _train(config: Config, run_dir: Path, *, resume: bool, argv: list[str]) -> Trainer:
     trainer = Trainer(config)
     main = trainer.world.is_main
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(trainer.world)
+    if resume:
+        # Falls back past checkpoints that do not load; CheckpointError (exit 2) when none does,
+        # before anything in the run directory changes.
+        latest = load_latest(trainer.checkpoint_parts(), run_dir)
+        if latest is None:
+            raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
+        say(trainer, f"resumed from {latest} at iteration {trainer.iteration}")
+        if main:
+            # Rows after the checkpoint are redone; so is the start-of-run evaluation of a run
+            # resumed at iteration 0 (stopped during it), whose rows would otherwise repeat.
+            truncate_rows(run_dir / "metrics.jsonl", trainer.iteration if trainer.iteration > 0 else -1)
     log: MetricsLog | NullLog = NullLog()
     if main:
         wandb_config = to_dict(config) if config.logging.wandb else None
         log = MetricsLog(run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config)
-    if resume:
-        latest = latest_checkpoint(run_dir)
-        if latest is not None:
-            load_checkpoint(trainer.checkpoint_parts(), latest)
-            say(trainer, f"resumed from {latest} at iteration {trainer.iteration}")
-        log.truncate_after(trainer.iteration)
-    if main:
         (run_dir / "config.yaml").write_text(dump_yaml(config))
         write_run_info(run_dir, trainer.device, list(argv), processes=trainer.world.size)
 
     started = time.perf_counter()
     last_checkpoint = trainer.iteration if resume else None
     stop = StopRequest()
-    try:
-        with stop.installed():
+    # The handlers stay until export/ is written: a SIGTERM during the final evaluation, the
+    # report or the export only asks for the stop that is already under way.
+    with stop.installed():
+        try:
             if trainer.iteration == 0 and config.eval.at_start:
                 evaluate_and_log(trainer, log, run_dir)
                 evaluate_with_guidance(trainer, log, run_dir)
@@ -132,21 +302,45 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, argv: list[str
                 if config.checkpoint.every and iteration % config.checkpoint.every == 0:
                     checkpoint(trainer, run_dir)
                     last_checkpoint = iteration
-        if main:
-            write_report(trainer, log.rows(), run_dir, time.perf_counter() - started)
-    finally:
-        # After a crash mid-iteration the state is half-updated: keep the last checkpoint instead.
-        if last_checkpoint != trainer.iteration and not trainer.in_iteration:
-            path = checkpoint(trainer, run_dir)
-            say(trainer, f"checkpoint: {path}")
-        export_weights(trainer.policies, trainer.model, trainer.world, run_dir / "export")
-        log.close()
+            if main:
+                write_report(trainer, log.rows(), run_dir, time.perf_counter() - started)
+        except BaseException as error:
+            # After a crash mid-iteration the state is half-updated, and a checkpoint that could
+            # not be written would fail again: keep the last checkpoint instead.
+            retry = not trainer.in_iteration and not isinstance(error, CheckpointError)
+            close_run(trainer, run_dir, log, save=retry and last_checkpoint != trainer.iteration, failing=True)
+            raise
+        close_run(trainer, run_dir, log, save=last_checkpoint != trainer.iteration, failing=False)
     say(
         trainer,
         f"stopped at iteration {trainer.iteration} after {time.perf_counter() - started:.1f} s"
         + (f" ({stop.reason})" if stop else ""),
     )
     return trainer
+
+
+def close_run(trainer: Trainer, run_dir: Path, log: MetricsLog | NullLog, *, save: bool, failing: bool) -> None:
+    """The closing checkpoint, then export/ even when that checkpoint failed. While another error
+    stops the run (failing), their own failures are warnings, so that error is the one reported;
+    otherwise the first failure is raised once both were tried."""
+    problems: list[CheckpointError] = []
+    try:
+        if save:
+            try:
+                say(trainer, f"checkpoint: {checkpoint(trainer, run_dir)}")
+            except CheckpointError as error:
+                problems.append(error)
+        export = run_dir / "export"
+        try:
+            export_weights(trainer.policies, trainer.model, trainer.world, export)
+        except Exception as error:
+            problems.append(CheckpointError(f"export: cannot write {export}: {error_line(error)}"))
+    finally:
+        log.close()
+    for problem in problems[0 if failing else 1 :]:
+        warn(str(problem))
+    if problems and not failing:
+        raise problems[0]
 
 
 def checkpoint(trainer: Trainer, run_dir: Path) -> Path:

@@ -23,14 +23,13 @@ from fastnft.conditioning import TextConditioning
 from fastnft.config import Config, ConfigError, check_recipe
 from fastnft.distributed import World, image_shard, init_world, resolve_device
 from fastnft.evaluation import Evaluator
-from fastnft.models import ModelAdapter, build_model
+from fastnft.models import ModelAdapter, build_model, check_model_rules
 from fastnft.models.presets import seeded
 from fastnft.optimizers import build_optimizer
 from fastnft.policy import Policies, build_policies, frozen_weight_dtype
 from fastnft.prompts import PromptSet
 from fastnft.rewards import WeightedRewards
 from fastnft.rollout import KeyedSampler, Rollout, Scorer
-from fastnft.sampling import timestep_grid
 from fastnft.schedules import old_policy_eta
 from fastnft.speed import CudaGraphRollout, SpeedReport, apply_attention, apply_compile
 from fastnft.update import NFTUpdate
@@ -42,6 +41,7 @@ def build_policy_model(
 ) -> tuple[ModelAdapter, Policies, SpeedReport]:
     """The model with its frozen modules frozen, the attention switch and gradient checkpointing
     applied, and the policies on it (distributed over the process group)."""
+    check_model_rules(config)
     model = build_model(config.model, config.seed, device, frozen_weight_dtype(config))
     for module in model.frozen_modules().values():
         module.requires_grad_(False).eval()
@@ -101,7 +101,7 @@ class Trainer:
             sde_noise_level=config.rollout.sde_noise_level,
             progress=progress,
         )
-        grid = timestep_grid(config.rollout.steps, config.rollout.shift)
+        grid = self.model.timestep_grid(config.rollout.steps, config.rollout.shift)
         self.rollout = Rollout(
             config,
             prompts=self.train_prompts,
@@ -133,7 +133,7 @@ class Trainer:
             use_ema_weights=config.ema.enabled,
             conditioning=conditioning,
             sampler=sampler,
-            grid=timestep_grid(config.eval.steps, config.rollout.shift),
+            grid=self.model.timestep_grid(config.eval.steps, config.rollout.shift),
             model=self.model,
             scorer=scorer,
             world=self.world,

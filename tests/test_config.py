@@ -7,8 +7,10 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastnft.config import Config, ConfigError, Length, Range, check_recipe, load_config
+from fastnft.models import check_model_rules
 
 
 @pytest.fixture
@@ -67,6 +69,12 @@ def test_yaml_and_overrides_combine_and_paths_resolve_next_to_the_config(tmp_pat
         ("nft.beta=.nan", "nft.beta: must be a finite number; got nan"),
         ("nft.kl_coef=-.inf", "nft.kl_coef: must be a finite number; got -inf"),
         ("rollout.shift=inf", "rollout.shift: must be a finite number; got inf"),
+        ("rollout.shift=0", "rollout.shift: must be > 0; got 0.0"),
+        ("model.kind=sdxl", "model.kind: must be one of auto, sd3, sd3-pixel, flux; got 'sdxl'"),
+        ("model.kind=flux", "model.kind: preset tiny-sd3 is a sd3 model, not flux"),
+        ("model.guidance=-1", "model.guidance: must be >= 0; got -1.0"),
+        ("model.guidance=3.5", "model.guidance: this sd3 transformer takes no guidance input"),
+        ("model.preset=tiny-sdxl", "model.preset: unknown preset 'tiny-sdxl'; known: tiny-sd3, sd35m"),
         ("rollout.sde_noise_level=.nan", "rollout.sde_noise_level: must be a finite number; got nan"),
         ("ema.max_decay=2", "ema.max_decay: must be in [0, 1]; got 2.0"),
         ("ema.max_decay=.nan", "ema.max_decay: must be a finite number; got nan"),
@@ -86,8 +94,8 @@ def test_yaml_and_overrides_combine_and_paths_resolve_next_to_the_config(tmp_pat
     ],
 )
 def test_bad_values_name_their_field(prompt_file, override, field):
-    with pytest.raises(ConfigError, match=re.escape(field)):
-        load_config(None, ["model.preset=tiny-sd3", f"prompts.train={prompt_file}", override])
+    with pytest.raises(ConfigError, match=re.escape(field)):  # the config's own rules, then the family's
+        check_model_rules(load_config(None, ["model.preset=tiny-sd3", f"prompts.train={prompt_file}", override]))
 
 
 def test_missing_config_file_and_missing_model(tmp_path, prompt_file):
@@ -174,3 +182,30 @@ def test_recipe_rule_counts_processes():
     check_recipe(config, 2)
     with pytest.raises(ConfigError, match=r"rollout.groups \* rollout.group_size: 1152 images .* 5 processes"):
         check_recipe(config, 5)
+
+
+def test_model_kind_auto_takes_the_presets_family_and_the_grid_its_default_shift(prompt_file):
+    from fastnft.models import PRESET_KINDS, adapter_class, resolve_kind
+    from fastnft.models.presets import PRESETS
+    from fastnft.sampling import timestep_grid
+
+    assert PRESET_KINDS.keys() == PRESETS.keys()  # every preset names its family
+    config = load_config(None, ["model.preset=tiny-sd3", f"prompts.train={prompt_file}"])
+    assert config.model.kind == "auto" and resolve_kind(config.model) == "sd3"
+    assert config.rollout.shift is None  # the family's: SD3's 3.0, the grid of docs/algorithm.md
+    sd3 = adapter_class("sd3")
+    grid = sd3.timestep_grid(object.__new__(sd3), 10, config.rollout.shift)  # the grid needs no weights
+    assert torch.equal(grid, timestep_grid(10, 3.0))
+    expected = [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
+    assert torch.allclose(grid, torch.tensor(expected), atol=1e-4)
+
+
+def test_model_kind_auto_needs_a_model_index(tmp_path, prompt_file):
+    """A pixel-space shapes directory has no model_index.json: auto names the file, the explicit
+    kind loads it."""
+    shapes = ["model.path=pkg:fastnft/assets/shapes-base", f"prompts.train={prompt_file}"]
+    with pytest.raises(ConfigError, match=r"model\.path: .*shapes-base/model_index\.json not found .* sd3-pixel"):
+        check_model_rules(load_config(None, shapes))
+    explicit = load_config(None, [*shapes, "model.kind=sd3-pixel"])
+    check_model_rules(explicit)
+    assert explicit.model.kind == "sd3-pixel"

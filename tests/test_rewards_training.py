@@ -49,7 +49,11 @@ def test_the_weighted_sum_and_each_reward_are_logged():
     size = jpeg_size_kb(images)
     torch.testing.assert_close(out.score, (2.0 * size + 0.5 * (-size / 500)).float())
     torch.testing.assert_close(out.extras["reward_jpeg_compressibility"], (-size / 500).float())
-    assert Trainer(config).run_iteration()["reward_jpeg_incompressibility"] > 0
+    row = Trainer(config).run_iteration()
+    # the logged sum is the weighted sum of the logged rewards (compressibility = -size / 500)
+    size_kb = row["reward_jpeg_incompressibility"]
+    assert row["reward_jpeg_compressibility"] == pytest.approx(-size_kb / 500, rel=1e-5)
+    assert row["reward_mean"] == pytest.approx(2.0 * size_kb + 0.5 * (-size_kb / 500), rel=1e-5)
 
 
 def test_jpeg_rewards_order_flat_checkerboard_and_noise():

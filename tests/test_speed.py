@@ -121,3 +121,37 @@ def test_rollout_under_cuda_graphs_matches_eager_and_records_graphs():
     for first, second in zip(eager, graphed, strict=True):
         torch.testing.assert_close(second, first, rtol=1e-3, atol=1e-3)
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_on_a_gpu_keeps_loss_and_gradients():
+    """GPU counterpart of test_attention_backend_is_installed_and_exact (sdpa-math on a CPU)."""
+    overrides = ["device=cuda", "model.precision=bf16"]
+    default = Trainer(tiny_config(overrides), progress=False)
+    cudnn = Trainer(tiny_config([*overrides, "model.attention=sdpa-cudnn"]), progress=False)
+    assert set(cudnn.speed.attention.values()) == {"sdpa-cudnn"}
+    first, second = first_pair_loss_and_grads(default), first_pair_loss_and_grads(cudnn)
+    assert_same_loss_and_grads(
+        (first[0].cpu(), {k: v.cpu() for k, v in first[1].items()}),
+        (second[0].cpu(), {k: v.cpu() for k, v in second[1].items()}),
+        rtol=2e-2,
+        atol=2e-3,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the reference precision's autocast is CUDA-only")
+def test_reference_precision_on_a_gpu_trains_under_fp16_autocast_with_a_grad_scaler():
+    trainer = Trainer(tiny_config(["device=cuda", "model.precision=reference"]), progress=False)
+    assert trainer.speed.autocast == torch.float16 and trainer.update.grad_scaler is not None
+    before = {n: p.detach().clone() for n, p in trainer.policies.trained_parameters().items()}
+    row = trainer.run_iteration()
+    assert row["loss"] == row["loss"] and trainer.update.grad_scaler.get_scale() > 0  # finite, scaler live
+    after = trainer.policies.trained_parameters()
+    assert any(not torch.equal(after[n].detach(), before[n]) for n in before)
+
+
+def test_reference_precision_on_a_cpu_has_no_autocast():
+    trainer = Trainer(tiny_config(["model.precision=reference"]), progress=False)
+    assert trainer.speed.autocast is None and trainer.update.grad_scaler is None

@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fastnft.config import ModelConfig
+from fastnft.sampling import timestep_grid
+
 
 @dataclass
 class TextEmbedding:
@@ -43,6 +46,21 @@ class TextEmbedding:
         return TextEmbedding(self.sequence.pin_memory(), self.pooled.pin_memory())
 
 
+@dataclass(frozen=True)
+class ModelTraits:
+    """What config validation must know of a model before loading it (ModelAdapter.traits)."""
+
+    kind: str
+    dynamic_shift: bool = False  # the grid's shift follows the image size: rollout.shift must stay unset
+    embedded_guidance: bool = False  # the transformer takes a distilled-guidance input (model.guidance)
+
+
+def weight_dtype(transformer: nn.Module) -> torch.dtype:
+    """The dtype of the transformer's first weight: diffusers' .dtype walks every module on every
+    call, and a DDP or CUDA-graph wrapper holds the model in .module."""
+    return next(getattr(transformer, "module", transformer).parameters()).dtype
+
+
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
     """The transformer's repeated blocks (the unit of regional compile and of FSDP2 sharding)."""
     blocks = [
@@ -62,6 +80,27 @@ class ModelAdapter(ABC):
 
     transformer: nn.Module
     default_lora_targets: tuple[str, ...]
+    default_shift: float  # the static grid shift when rollout.shift is unset (timestep_grid)
+
+    @classmethod
+    @abstractmethod
+    def from_config(
+        cls, config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype
+    ) -> ModelAdapter:
+        """The model of `config` (model.path and model.component_paths, or a preset) on `device`,
+        frozen weights in `weight_dtype`."""
+
+    @classmethod
+    def traits(cls, kind: str, config: ModelConfig) -> ModelTraits:
+        """The model's traits from its config (paths already resolved), reading at most small
+        JSON files: a static grid shift and no guidance input unless a family says otherwise."""
+        return ModelTraits(kind)
+
+    def timestep_grid(self, steps: int, shift: float | None) -> Tensor:
+        """[steps + 1] times from 1 to 0 on which every sampler steps and from which training
+        draws its t; shift None is the family's default. Here a static shift, exactly diffusers'
+        FlowMatchEulerDiscreteScheduler's (fastnft.sampling.timestep_grid)."""
+        return timestep_grid(steps, self.default_shift if shift is None else shift)
 
     @property
     @abstractmethod
@@ -97,9 +136,7 @@ class ModelAdapter(ABC):
         """v(x, t) of `transformer` (the trained, old or reference policy); t [B] in [0, 1].
         The diffusers SD3 family takes timestep = t * 1000 (a float: fastnft never truncates it).
         Inputs are cast to the module's weight dtype (bf16 base weights, fp32 full fine-tuning)."""
-        # The first weight's dtype (diffusers' .dtype walks every module, on every call); a DDP
-        # wrapper holds the model in .module.
-        dtype = next(getattr(transformer, "module", transformer).parameters()).dtype
+        dtype = weight_dtype(transformer)
         return transformer(
             hidden_states=x.to(dtype),
             timestep=t * 1000.0,

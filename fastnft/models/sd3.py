@@ -62,6 +62,7 @@ def _load_component(name: str, path: str, weight_dtype: torch.dtype):
 
 class SD3Adapter(ModelAdapter):
     default_lora_targets = JOINT_ATTENTION_PROJECTIONS
+    default_shift = 3.0  # SD3.5's scheduler shift: the grid is the same at every resolution
 
     def __init__(
         self,

@@ -49,6 +49,7 @@ def load_pixel_components(config: ModelConfig, seed: int, weight_dtype: torch.dt
 
 class SD3PixelAdapter(ModelAdapter):
     default_lora_targets = JOINT_ATTENTION_PROJECTIONS
+    default_shift = 3.0  # the SD3 family's; every shapes run in docs/shapes-experiments.md sampled on it
 
     def __init__(
         self, transformer, text_encoder, tokenizer, *, resolution: int, max_length: int, device: torch.device

@@ -9,6 +9,7 @@ from fastnft_kernels import nft_loss, nft_loss_torch
 from fastnft_kernels.triton_nft_loss import launch_nft_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.gpu  # on a GPU these run the compiled Triton kernel, not the interpreter
 BACKENDS = ["torch", "triton"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (loss rtol, gradient rtol): arithmetic is fp32 for every dtype, the gradient is stored in
