@@ -196,6 +196,10 @@ class EvalConfig:
     seed: int = 1234
     # base model with CFG, evaluated once at the start
     cfg_scales: list[Annotated[float, Range(1, low_open=True)]] = field(default_factory=list)
+    # a key of the evaluation rows (e.g. eval_accuracy): export/best keeps the EMA weights of the
+    # evaluation with its highest value; None: no best export
+    select: str | None = None
+    patience: NonNegative = 0  # with select: stop after this many evaluations without a new best; 0: never
 
 
 @dataclass
@@ -215,7 +219,7 @@ class CompileConfig:
 @dataclass
 class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
-    strategy: Literal["ddp", "fsdp2"] = "ddp"  # fsdp2: full fine-tuning only
+    strategy: Literal["ddp", "fsdp2"] = "ddp"  # fsdp2: every policy copy (LoRA: the base and adapters) sharded
 
 
 @dataclass
@@ -460,6 +464,11 @@ def validate(config: Config, base: Path) -> None:
         f"int({config.nft.timestep_fraction} * rollout.steps) trains on no timestep",
     )
     check_recipe(config, world_size=1)
+    if config.eval.select is not None:
+        _require(bool(config.eval.select), "eval.select", "name a key of the evaluation rows, e.g. eval_accuracy")
+        _require(config.prompts.eval is not None, "eval.select", "needs prompts.eval (held-out prompts to evaluate)")
+        _require(config.eval.every > 0, "eval.select", "needs eval.every > 0 (evaluations to select from)")
+    _require(config.eval.patience == 0 or config.eval.select is not None, "eval.patience", "needs eval.select")
     _require(
         config.model.path is not None or config.model.preset is not None,
         "model.path",
@@ -494,11 +503,6 @@ def validate(config: Config, base: Path) -> None:
         config.lora.enabled or not config.nft.batch_old_ref,
         "nft.batch_old_ref",
         "needs LoRA (lora.enabled: true): full fine-tuning keeps the old and reference policies in separate copies",
-    )
-    _require(
-        config.dist.strategy != "fsdp2" or not config.lora.enabled,
-        "dist.strategy",
-        "fsdp2 shards full fine-tuning (lora.enabled: false); LoRA trains with ddp",
     )
     _require(
         not config.rollout.cuda_graphs or config.dist.strategy != "fsdp2",

@@ -8,6 +8,7 @@ run.lock while a run writes it. docs/reliability.md states what a run promises o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from torch.distributed.checkpoint.stateful import Stateful
 
 from fastnft.checkpoint import (
     CHECKPOINT_DIR,
@@ -31,6 +34,7 @@ from fastnft.config import Config, ConfigError, dump_yaml, to_dict
 from fastnft.distributed import any_rank, init_world
 from fastnft.metrics import MetricsLog, NullLog, truncate_rows, write_run_info
 from fastnft.report import before_after, plot_curves, summary
+from fastnft.selection import BestEvaluation
 from fastnft.trainer import Trainer
 from fastnft.visual import save_grid
 
@@ -257,10 +261,12 @@ def train(
 def _train(config: Config, run_dir: Path, *, resume: bool, argv: list[str]) -> Trainer:
     trainer = Trainer(config)
     main = trainer.world.is_main
+    best = BestEvaluation(config.eval.select, config.eval.patience)
+    parts = {**trainer.checkpoint_parts(), "best": best}
     if resume:
         # Falls back past checkpoints that do not load; CheckpointError (exit 2) when none does,
         # before anything in the run directory changes.
-        latest = load_latest(trainer.checkpoint_parts(), run_dir)
+        latest = load_latest(parts, run_dir)
         if latest is None:
             raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
         say(trainer, f"resumed from {latest} at iteration {trainer.iteration}")
@@ -274,6 +280,7 @@ def _train(config: Config, run_dir: Path, *, resume: bool, argv: list[str]) -> T
         log = MetricsLog(run_dir, tensorboard=config.logging.tensorboard, wandb_config=wandb_config)
         (run_dir / "config.yaml").write_text(dump_yaml(config))
         write_run_info(run_dir, trainer.device, list(argv), processes=trainer.world.size)
+        record_best(run_dir, best)
 
     started = time.perf_counter()
     last_checkpoint = trainer.iteration if resume else None
@@ -283,9 +290,12 @@ def _train(config: Config, run_dir: Path, *, resume: bool, argv: list[str]) -> T
     with stop.installed():
         try:
             if trainer.iteration == 0 and config.eval.at_start:
-                evaluate_and_log(trainer, log, run_dir)
+                keep_if_best(trainer, best, evaluate_and_log(trainer, log, run_dir), run_dir)
                 evaluate_with_guidance(trainer, log, run_dir)
             while trainer.iteration < config.iterations and not any_rank(trainer.world, bool(stop)):
+                if best.out_of_patience:
+                    say(trainer, f"eval.patience: {best.since} evaluations without a better {best.key}; stopping")
+                    break
                 row = trainer.run_iteration()
                 log.append(row)
                 say(trainer, _summary(row, config.iterations))
@@ -298,9 +308,9 @@ def _train(config: Config, run_dir: Path, *, resume: bool, argv: list[str]) -> T
                     )
                 last = iteration == config.iterations
                 if config.eval.every and (iteration % config.eval.every == 0 or last):
-                    evaluate_and_log(trainer, log, run_dir)
+                    keep_if_best(trainer, best, evaluate_and_log(trainer, log, run_dir), run_dir)
                 if config.checkpoint.every and iteration % config.checkpoint.every == 0:
-                    checkpoint(trainer, run_dir)
+                    checkpoint(trainer, run_dir, parts)
                     last_checkpoint = iteration
             if main:
                 write_report(trainer, log.rows(), run_dir, time.perf_counter() - started)
@@ -308,9 +318,9 @@ def _train(config: Config, run_dir: Path, *, resume: bool, argv: list[str]) -> T
             # After a crash mid-iteration the state is half-updated, and a checkpoint that could
             # not be written would fail again: keep the last checkpoint instead.
             retry = not trainer.in_iteration and not isinstance(error, CheckpointError)
-            close_run(trainer, run_dir, log, save=retry and last_checkpoint != trainer.iteration, failing=True)
+            close_run(trainer, run_dir, log, parts, save=retry and last_checkpoint != trainer.iteration, failing=True)
             raise
-        close_run(trainer, run_dir, log, save=last_checkpoint != trainer.iteration, failing=False)
+        close_run(trainer, run_dir, log, parts, save=last_checkpoint != trainer.iteration, failing=False)
     say(
         trainer,
         f"stopped at iteration {trainer.iteration} after {time.perf_counter() - started:.1f} s"
@@ -319,7 +329,15 @@ def _train(config: Config, run_dir: Path, *, resume: bool, argv: list[str]) -> T
     return trainer
 
 
-def close_run(trainer: Trainer, run_dir: Path, log: MetricsLog | NullLog, *, save: bool, failing: bool) -> None:
+def close_run(
+    trainer: Trainer,
+    run_dir: Path,
+    log: MetricsLog | NullLog,
+    parts: dict[str, Stateful],
+    *,
+    save: bool,
+    failing: bool,
+) -> None:
     """The closing checkpoint, then export/ even when that checkpoint failed. While another error
     stops the run (failing), their own failures are warnings, so that error is the one reported;
     otherwise the first failure is raised once both were tried."""
@@ -327,7 +345,7 @@ def close_run(trainer: Trainer, run_dir: Path, log: MetricsLog | NullLog, *, sav
     try:
         if save:
             try:
-                say(trainer, f"checkpoint: {checkpoint(trainer, run_dir)}")
+                say(trainer, f"checkpoint: {checkpoint(trainer, run_dir, parts)}")
             except CheckpointError as error:
                 problems.append(error)
         export = run_dir / "export"
@@ -343,9 +361,27 @@ def close_run(trainer: Trainer, run_dir: Path, log: MetricsLog | NullLog, *, sav
         raise problems[0]
 
 
-def checkpoint(trainer: Trainer, run_dir: Path) -> Path:
-    parts = trainer.checkpoint_parts()
+def checkpoint(trainer: Trainer, run_dir: Path, parts: dict[str, Stateful]) -> Path:
+    """The trainer's parts and the run's own (the best evaluation) as one checkpoint."""
     return save_checkpoint(parts, run_dir, trainer.iteration, trainer.world, trainer.config.checkpoint.keep_last)
+
+
+def keep_if_best(trainer: Trainer, best: BestEvaluation, metrics: dict[str, float], run_dir: Path) -> None:
+    """export/best: the EMA weights of the best evaluation so far by eval.select, recorded in
+    run.json's "best"."""
+    if not metrics or not best.update(trainer.iteration, metrics):
+        return
+    export_weights(trainer.policies, trainer.model, trainer.world, run_dir / "export" / "best")
+    if trainer.world.is_main:
+        record_best(run_dir, best)
+        say(trainer, f"best {best.key} so far: {best.value:.4g} at iteration {best.iteration} (export/best)")
+
+
+def record_best(run_dir: Path, best: BestEvaluation) -> None:
+    info_path = run_dir / "run.json"
+    info = json.loads(info_path.read_text())
+    info["best"] = best.record()
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
 
 
 def say(trainer: Trainer, message: str) -> None:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from fastnft.cli import main
-from fastnft.config import ConfigError, check_recipe, load_config
+from fastnft.config import ConfigError, check_recipe
 from fastnft.distributed import World, even_shard, gather_rows, image_shard
 from tests.helpers import TINY_CONFIG, tiny_config
 
@@ -114,11 +115,6 @@ def test_a_recipe_that_does_not_split_names_its_fields():
         check_recipe(config, 3)
 
 
-def test_fsdp2_with_lora_is_refused_at_load():
-    with pytest.raises(ConfigError, match=r"dist.strategy: fsdp2 shards full fine-tuning"):
-        load_config(TINY_CONFIG, ["dist.strategy=fsdp2"])
-
-
 # ---------------------------------------------------------------- real launches
 
 
@@ -182,3 +178,26 @@ def test_fsdp2_with_torchao_8bit_states_trains_and_resumes_on_two_ranks(tmp_path
     torchrun(["--resume", str(resumed)])
     assert training_rows(resumed)[-1]["loss"] == pytest.approx(training_rows(straight)[-1]["loss"], rel=1e-6)
     assert_same_training_state(checkpoint(resumed, 2, tmp_path), end, atol=1e-5)
+
+
+def test_lora_over_an_fsdp2_sharded_base_matches_one_rank_and_resumes_on_one_and_two(tmp_path, one_thread):
+    """LoRA with dist.strategy fsdp2 on 2 processes (base and adapters sharded per block): the
+    1-rank weights and rows; its iteration-1 checkpoint resumes on 2 ranks and on 1."""
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    overrides = [*QUIET, "dist.strategy=fsdp2"]
+    torchrun([str(TINY_CONFIG), "--out", str(sharded), *overrides])
+    assert main(["train", str(TINY_CONFIG), "--out", str(single), *overrides]) == 0
+    end = checkpoint(sharded, 2, tmp_path)
+    assert_same_training_state(end, checkpoint(single, 2, tmp_path))
+    assert_weights_moved(checkpoint(sharded, 1, tmp_path), end)
+    for row_two, row_one in zip(training_rows(sharded), training_rows(single), strict=True):
+        assert row_two["loss"] == pytest.approx(row_one["loss"], rel=1e-4)
+    exported = load_file(sharded / "export" / "pytorch_lora_weights.safetensors")
+    assert exported.keys() == load_file(single / "export" / "pytorch_lora_weights.safetensors").keys()
+
+    on_two = resume_copy(sharded, tmp_path / "on_two", iteration=1)
+    torchrun(["--resume", str(on_two)])
+    on_one = resume_copy(sharded, tmp_path / "on_one", iteration=1)
+    assert main(["train", "--resume", str(on_one)]) == 0
+    for resumed in (on_two, on_one):
+        assert_same_training_state(checkpoint(resumed, 2, tmp_path), end)
