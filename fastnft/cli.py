@@ -6,24 +6,31 @@
     fastnft pretrain shapes [--out DIR] [--steps N] ...
     fastnft bench --preset NAME [--out DIR] [--ledger PATH] [--phases ...] [key=value ...]
 
-Configuration errors print one line naming the field and exit with code 2.
+Configuration errors, and anything that fails while a command loads (a model that does not
+load, a bad prompt file), print one line naming the field or file and exit with code 2; any other
+failure prints one line and exits with code 1. `--debug` (anywhere on the line) or
+FASTNFT_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from fastnft.config import Config, ConfigError, load_config, to_dict
-from fastnft.prompts import PromptSet
+from fastnft.prompts import PromptFileError, PromptSet
 
 EXIT_CONFIG_ERROR = 2
+EXIT_FAILURE = 1
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastnft", description="DiffusionNFT training.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (or FASTNFT_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train (or resume) a run")
@@ -131,7 +138,15 @@ def _load_for_inference(checkpoint: Path, prompts: PromptSet, *, with_rewards: b
     if named is None and not list_checkpoints(run_dir):
         raise ConfigError(f"checkpoint: {run_dir} has no checkpoint yet")
     config = load_config(run_dir / "config.yaml")
-    return (config, run_dir, *load_evaluator(config, named or run_dir, prompts, with_rewards=with_rewards))
+    try:
+        loaded = load_evaluator(config, named or run_dir, prompts, with_rewards=with_rewards)
+    except ConfigError:
+        raise
+    except Exception as error:  # the model or a reward does not load: one line naming it
+        from fastnft.run import startup_error
+
+        raise startup_error(error, config) from error
+    return (config, run_dir, *loaded)
 
 
 def _prompt_set(text_or_file: str | Path) -> PromptSet:
@@ -139,12 +154,15 @@ def _prompt_set(text_or_file: str | Path) -> PromptSet:
     if path.suffix in (".txt", ".jsonl"):
         if not path.is_file():
             raise ConfigError(f"--prompts: no such file {path}")
-        return PromptSet.load(path)
+        try:
+            return PromptSet.load(path)
+        except PromptFileError as error:
+            raise ConfigError(f"--prompts: {error}") from None
     return PromptSet([str(text_or_file)], [{}])
 
 
 def command_sample(args: argparse.Namespace) -> int:
-    from fastnft.visual import save_grid, to_pil
+    from fastnft.visual import save_gif, save_grid, save_strip, to_pil
 
     prompts = _prompt_set(args.prompts)
     config, run_dir, evaluator, world, _ = _load_for_inference(args.checkpoint, prompts, with_rewards=False)
@@ -155,9 +173,13 @@ def command_sample(args: argparse.Namespace) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
-        to_pil(image).save(out / f"{index:04d}.png")
+        if image.ndim == 4:  # a video [3, F, H, W]: its frame strip and a GIF
+            save_strip(image, out / f"{index:04d}.png")
+            save_gif(image, out / f"{index:04d}.gif")
+        else:
+            to_pil(image).save(out / f"{index:04d}.png")
     save_grid(images, prompts.prompts, out / "grid.png")
-    print(f"wrote {len(images)} images to {out}")
+    print(f"wrote {len(images)} {'videos' if images.ndim == 5 else 'images'} to {out}")
     return 0
 
 
@@ -178,16 +200,43 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(message: str) -> str:
+    """A message on one line (YAML's errors, for one, span several)."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI boundary: every error leaves it as one line on stderr (with the traceback only
+    under --debug or FASTNFT_DEBUG=1) and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FASTNFT_DEBUG", "0") not in ("", "0")
+    argv = [item for item in argv if item != "--debug"]
+    try:
+        return _command(argv)
+    except ConfigError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"fastnft: error: {_one_line(str(error))}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except Exception as error:
+        if debug:
+            raise
+        from fastnft.checkpoint import error_line
+
+        hint = "--debug or FASTNFT_DEBUG=1 shows the traceback"
+        print(f"fastnft: error: {_one_line(error_line(error))} ({hint})", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        from fastnft.distributed import close_world
+
+        close_world()  # under torchrun
+
+
+def _command(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         from fastnft.bench import main as bench
 
-        try:
-            return bench(argv[1:])
-        except ConfigError as error:
-            print(f"fastnft: error: {error}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
+        return bench(argv[1:])
     if argv[:2] == ["pretrain", "shapes"]:
         from fastnft.shapes.pretrain import main as pretrain_shapes
 
@@ -199,25 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [item for item in unknown if item.startswith("-") or args.command != "train"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    from fastnft.distributed import close_world
+    if args.command == "train":
+        from fastnft.models import check_model_rules
+        from fastnft.run import train
 
-    try:
-        if args.command == "train":
-            from fastnft.models import check_model_rules
-            from fastnft.run import train
-
-            config, run_dir, resume = _resolve_train_config(args)
-            check_model_rules(config)  # before anything is written
-            train(config, run_dir, resume=resume, overwrite=args.overwrite, argv=argv)
-            return 0
-        if args.command == "sample":
-            return command_sample(args)
-        return command_eval(args)
-    except ConfigError as error:
-        print(f"fastnft: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    finally:
-        close_world()  # under torchrun
+        config, run_dir, resume = _resolve_train_config(args)
+        check_model_rules(config)  # before anything is written
+        train(config, run_dir, resume=resume, overwrite=args.overwrite, argv=argv)
+        return 0
+    if args.command == "sample":
+        return command_sample(args)
+    return command_eval(args)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ class TextConditioning:
         device: torch.device,
         offload_encoders: bool,
     ) -> TextConditioning:
-        """With mode cached, encodes `prompts` and the empty prompt now, then offloads the text
-        encoders to the CPU when asked."""
+        """With mode cached, encodes `prompts` and the empty prompt (the model's negative_prompt)
+        now, then offloads the text encoders to the CPU when asked."""
         if mode != "cached":
             return cls(model, mode, batch_size, None)
-        cache = PromptEmbeddings(model.encode_text, [*prompts, ""], batch_size=batch_size, device=device)
+        every = [*prompts, model.negative_prompt]
+        cache = PromptEmbeddings(model.encode_text, every, batch_size=batch_size, device=device)
         if offload_encoders:
             for encoder in model.text_encoders().values():
                 encoder.to("cpu")
@@ -59,7 +60,8 @@ class TextConditioning:
         )
 
     def empty(self) -> TextEmbedding:
-        """The empty prompt's conditioning (classifier-free guidance), encoded once."""
+        """The empty prompt's conditioning (classifier-free guidance), encoded once: the model's
+        negative_prompt ("", or the one its pipeline uses by default, as Qwen-Image's " ")."""
         if self._empty is None:
-            self._empty = self([""])
+            self._empty = self([self.model.negative_prompt])
         return self._empty

@@ -12,6 +12,7 @@ one line and exit with code 2.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -84,11 +85,14 @@ Sampler = Literal["dpm2m", "euler", "sde"]
 class ModelConfig:
     # the model adapter; auto: a preset's family, else the pipeline class in model.path's model_index.json
     # (sd3-pixel, pixel space with one text encoder, has no index: name it)
-    kind: Literal["auto", "sd3", "sd3-pixel", "flux"] = "auto"
+    kind: Literal["auto", "sd3", "sd3-pixel", "flux", "qwen-image", "wan"] = "auto"
     path: str | None = None  # a local pipeline directory (model_index.json, transformer/, vae/, ...)
     component_paths: dict[str, str] = field(default_factory=dict)  # per-component overrides, e.g. {"vae": DIR}
     preset: str | None = None  # build random-init components from a named preset instead of loading
     resolution: Positive = 512
+    # frames of each sample: None = the family's (1 for image families, which take nothing else;
+    # Wan: 81, WanPipeline's num_frames); a video model needs (frames - 1) % its VAE's temporal stride == 0
+    frames: Positive | None = None
     clip_max_length: Positive = 77
     t5_max_length: Positive = 128
     # FLUX.1-dev's guidance input (guidance-distilled; not classifier-free guidance, which is
@@ -175,6 +179,8 @@ class OptimConfig:
     steps_per_iteration: Positive = 1
     bf16_stochastic_round: bool = False  # full fine-tuning: bf16 trained weights, updates rounded stochastically
     fused: bool = False  # torch AdamW's fused implementation (adamw only)
+    # optimizer steps in a row with a non-finite loss or grad norm (each one skipped) that stop the run
+    max_skipped_steps: Positive = 3
 
 
 @dataclass
@@ -182,6 +188,8 @@ class RewardConfig:
     name: Annotated[str, Length()] = "jpeg_incompressibility"
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
+    # video models: score this many evenly spaced frames of each video and average; None: every frame
+    frames: Positive | None = None
 
 
 @dataclass
@@ -300,7 +308,8 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_type, value_type = typing.get_args(annotation)  # each entry checked: a path must be a str
+        return {_convert(k, key_type, path): _convert(v, value_type, f"{path}.{k}") for k, v in value.items()}
     if annotation is Any:
         return value
     if annotation is float:
@@ -363,7 +372,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config: no such file {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config: {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
@@ -454,6 +465,33 @@ def check_recipe(config: Config, world_size: int) -> None:
     )
 
 
+def _check_prompt_file(path: Path, field_name: str) -> None:
+    """Parses the prompt file now, so that a bad line stops the run before anything loads."""
+    from fastnft.prompts import PromptFileError, read_prompt_file
+
+    try:
+        read_prompt_file(path)
+    except PromptFileError as error:
+        raise ConfigError(f"{field_name}: {error}") from None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a safetensors file, or None. Reads the header only: 8 bytes of little-endian
+    length, then that many bytes of a JSON object (safetensors caps it at 100 MB)."""
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return "shorter than a header"
+        length = int.from_bytes(prefix, "little")
+        if length > min(path.stat().st_size - 8, 100_000_000):
+            return f"its header length ({length} bytes) does not fit the file"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:  # not UTF-8 or not JSON
+            return "its header is not JSON"
+    return None if isinstance(header, dict) else "its header is not a JSON object"
+
+
 def validate(config: Config, base: Path) -> None:
     """Raises ConfigError naming the first impossible field; relative paths are tried against base.
     The rules of single fields were checked as the config was built (_convert); these span fields
@@ -477,18 +515,23 @@ def validate(config: Config, base: Path) -> None:
     if config.model.path is not None:
         path = resolve_path(config.model.path, base)
         _require(path.is_dir(), "model.path", f"no such directory {path}")
+        _require(any(path.iterdir()), "model.path", f"{path} is empty")
     for component, value in config.model.component_paths.items():
         path = resolve_path(value, base)
         _require(path.is_dir(), f"model.component_paths.{component}", f"no such directory {path}")
+        _require(any(path.iterdir()), f"model.component_paths.{component}", f"{path} is empty")
     if config.model.init_lora is not None:
         path = resolve_path(config.model.init_lora, base)
         _require(path.is_file(), "model.init_lora", f"no such file {path}")
+        problem = _safetensors_problem(path)
+        _require(problem is None, "model.init_lora", f"{path} is not a safetensors file: {problem}")
     _require(config.prompts.train is not None, "prompts.train", "set a .txt or .jsonl prompt file")
     for name, value in (("prompts.train", config.prompts.train), ("prompts.eval", config.prompts.eval)):
         if value is not None:
             path = resolve_path(value, base)
             _require(path.suffix in (".txt", ".jsonl"), name, f"must be a .txt or .jsonl file; got {path.name}")
             _require(path.is_file(), name, f"no such file {path}")
+            _check_prompt_file(path, name)
     _require(
         config.optim.name != "adamw8bit-bnb" or config.dist.strategy != "fsdp2",
         "optim.name",
@@ -509,6 +552,15 @@ def validate(config: Config, base: Path) -> None:
         "rollout.cuda_graphs",
         "cannot capture FSDP2's all-gathers: use dist.strategy ddp or turn the graphs off",
     )
+    if config.compile.backend != "inductor":  # importing dynamo takes seconds: only for another backend
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends()
+        _require(
+            config.compile.backend in torch._dynamo.list_backends(exclude_tags=()),
+            "compile.backend",
+            f"unknown backend {config.compile.backend!r}; known: {', '.join(known)}",
+        )
     _require(not config.optim.fused or config.optim.name == "adamw", "optim.fused", "applies to optim.name adamw only")
     _require(
         not config.optim.bf16_stochastic_round or config.optim.name == "adamw8bit-torchao",

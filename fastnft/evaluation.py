@@ -101,8 +101,8 @@ class Evaluator:
         return metrics, self._gather_images(images, mine, count, keep)
 
     def images(self, prompts: PromptSet, *, guidance_scale: float | None = None) -> Tensor:
-        """Every image [len(prompts) * images_per_prompt, 3, H, W] with the EMA weights, decoded
-        without scoring, on every rank."""
+        """Every image [len(prompts) * images_per_prompt, 3, H, W] (a video model's videos
+        [.., 3, F, H, W]) with the EMA weights, decoded without scoring, on every rank."""
         samples, mine, _ = self._generate(prompts, guidance_scale, use_ema=True)
         size = self.config.batch_size
         images = torch.cat([self.model.decode(samples[s : s + size]) for s in range(0, len(samples), size)])

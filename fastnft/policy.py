@@ -123,7 +123,10 @@ class LoraPolicies(Policies):
             )
             with warnings.catch_warnings():  # two adapters on one model are the design
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                transformer.add_adapter(peft_config, adapter_name=adapter)
+                try:
+                    transformer.add_adapter(peft_config, adapter_name=adapter)
+                except ValueError as error:  # peft's refusal: no layer matched, or one it cannot adapt
+                    raise ValueError(f"lora.target_modules: {targets}: {error}") from None
         for name, parameter in transformer.named_parameters():
             if ".lora_" in name:
                 parameter.data = parameter.data.float()  # adapters train in fp32 over bf16 base weights

@@ -18,6 +18,51 @@ import torch
 from fastnft.rng import generator
 
 
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message names the file and, where one is at fault,
+    the line."""
+
+
+def read_prompt_file(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """(prompts, metadata) of a .txt or .jsonl prompt file; blank lines are skipped. Raises
+    PromptFileError for a file that is not UTF-8 text, a JSONL line that is not an object with a
+    string "prompt" (and an object "metadata", if any), or a file without a prompt."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise PromptFileError(f"{path} line {line}: not UTF-8 text ({error.reason})") from None
+    except OSError as error:
+        raise PromptFileError(f"{path}: cannot read it ({error.strerror or error})") from None
+    prompts: list[str] = []
+    metadata: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line.strip())
+            metadata.append({})
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PromptFileError(f"{where}: not JSON ({error.msg}: column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise PromptFileError(f'{where}: expected an object {{"prompt": ..., "metadata": {{...}}}}')
+        if not isinstance(record.get("prompt"), str):
+            raise PromptFileError(f'{where}: "prompt" must be a string; the line has {sorted(record) or "no key"}')
+        extra = record.get("metadata")
+        if extra is not None and not isinstance(extra, dict):
+            raise PromptFileError(f'{where}: "metadata" must be an object, got {type(extra).__name__}')
+        prompts.append(record["prompt"])
+        metadata.append(dict(extra or {}))
+    if not prompts:
+        raise PromptFileError(f"{path}: holds no prompt (empty, or blank lines only)")
+    return prompts, metadata
+
+
 @dataclass
 class PromptSet:
     prompts: list[str]
@@ -28,24 +73,7 @@ class PromptSet:
 
     @classmethod
     def load(cls, path: str | Path) -> PromptSet:
-        path = Path(path)
-        prompts, metadata = [], []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    record = json.loads(line)
-                    prompts.append(str(record["prompt"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise ValueError(f"{path}:{number}: expected {{'prompt': ..., 'metadata': ...}}: {error}") from None
-                metadata.append(dict(record.get("metadata") or {}))
-            else:
-                prompts.append(line.strip())
-                metadata.append({})
-        if not prompts:
-            raise ValueError(f"{path}: holds no prompt")
-        return cls(prompts, metadata)
+        return cls(*read_prompt_file(path))
 
 
 def prompt_indices(num_prompts: int, iteration: int, groups: int, seed: int) -> list[int]:

@@ -8,13 +8,15 @@ run.lock while a run writes it. docs/reliability.md states what a run promises o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from fastnft.checkpoint import (
     warn,
 )
 from fastnft.config import Config, ConfigError, dump_yaml, to_dict
-from fastnft.distributed import any_rank, init_world
+from fastnft.distributed import World, any_rank, init_world
 from fastnft.metrics import MetricsLog, NullLog, truncate_rows, write_run_info
 from fastnft.report import before_after, plot_curves, summary
 from fastnft.selection import BestEvaluation
@@ -235,31 +237,68 @@ def open_run_dir(run_dir: Path, lock: RunLock, *, resume: bool, overwrite: bool)
             raise ConfigError(f"--overwrite: cannot remove the old run in {run_dir}: {error}") from None
 
 
+_NAMES_A_FIELD = re.compile(r"^[a-z_][\w.\[\]-]*: ")  # "lora.target_modules: ...", "rewards: ..."
+
+
+def startup_error(error: Exception, config: Config) -> ConfigError:
+    """An error raised while loading (the model, its adapters, rewards) as one line naming the
+    field: the message's own when it starts with one, else model.path (or model, for a preset)."""
+    message = str(error).strip()
+    if _NAMES_A_FIELD.match(message):
+        return ConfigError(message)
+    where = f"model.path: {config.model.path} does not load" if config.model.path else "model: does not build"
+    return ConfigError(f"{where}: {error_line(error)}")
+
+
+def build_trainer(config: Config) -> Trainer:
+    """The Trainer (model, policies, rewards, optimizer: everything that loads), or a ConfigError
+    naming the field."""
+    try:
+        return Trainer(config)
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise startup_error(error, config) from error
+
+
+def _on_rank_zero(world: World, flag: str, step: Callable[[], None]) -> None:
+    """Runs `step` on rank 0; its ConfigError is raised on every rank."""
+    refusal: ConfigError | None = None
+    if world.is_main:
+        try:
+            step()
+        except ConfigError as error:
+            refusal = error
+    if any_rank(world, refusal is not None):
+        raise refusal or ConfigError(f"{flag}: refused on rank 0")
+
+
 def train(
     config: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False, argv: list[str] = ()
 ) -> Trainer:
     """Trains until config.iterations (the total target) or a stop request. Under torchrun every
     rank runs this; rank 0 alone writes the records, grids and exports. A directory that holds a
-    run already needs resume (continue it) or overwrite (replace it)."""
+    run already needs resume (continue it) or overwrite (replace it).
+
+    A start that fails leaves the directory as it was: its checks come first, then everything
+    that loads (the trainer), and only then is it created, locked and, with overwrite, emptied."""
     run_dir = Path(run_dir)
     world = init_world(config)
+    flag = "--resume" if resume else "--out"
+    _on_rank_zero(world, flag, lambda: check_run_dir(run_dir, resume=resume, overwrite=overwrite))
+    if config.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb: needs wandb: pip install 'fastnft[wandb]'")
+    trainer = build_trainer(config)
     lock = RunLock(run_dir)
-    refusal: ConfigError | None = None
-    if world.is_main:
-        try:
-            open_run_dir(run_dir, lock, resume=resume, overwrite=overwrite)
-        except ConfigError as error:
-            refusal = error
-    if any_rank(world, refusal is not None):
-        raise refusal or ConfigError(f"--out: {run_dir}: refused on rank 0")
+    _on_rank_zero(world, flag, lambda: open_run_dir(run_dir, lock, resume=resume, overwrite=overwrite))
     try:
-        return _train(config, run_dir, resume=resume, argv=argv)
+        return _train(trainer, run_dir, resume=resume, argv=argv)
     finally:
         lock.release()
 
 
-def _train(config: Config, run_dir: Path, *, resume: bool, argv: list[str]) -> Trainer:
-    trainer = Trainer(config)
+def _train(trainer: Trainer, run_dir: Path, *, resume: bool, argv: list[str]) -> Trainer:
+    config = trainer.config
     main = trainer.world.is_main
     best = BestEvaluation(config.eval.select, config.eval.patience)
     parts = {**trainer.checkpoint_parts(), "best": best}
@@ -404,4 +443,5 @@ def _summary(row: dict, target: int) -> str:
     return (
         f"iteration {row['iteration']}/{target}  reward {row['reward_mean']:.4f}  loss {row['loss']:.4f}  "
         f"grad_norm {row['grad_norm']:.3g}  eta {row['eta']:.3f}  {row['images_per_sec']:.2f} img/s"
+        + (f"  skipped {row['skipped_steps']} non-finite step(s)" if row.get("skipped_steps") else "")
     )

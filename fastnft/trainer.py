@@ -57,7 +57,9 @@ def build_policy_model(
 
 def build_rewards(config: Config) -> WeightedRewards:
     try:
-        return WeightedRewards([(r.name, r.weight, r.options) for r in config.rewards])
+        return WeightedRewards(
+            [(r.name, r.weight, r.options) for r in config.rewards], [r.frames for r in config.rewards]
+        )
     except (ValueError, ImportError) as error:
         raise ConfigError(f"rewards: {error}") from error
 

@@ -4,14 +4,19 @@ int(timestep_fraction * steps) grid times in random order with fresh noise; grad
 ranks on the step's last pair; clip, step, then the EMA step.
 
 No host sync per pair: the loss and diagnostics accumulate on the device (float64, in pair
-order) and are read once, when the update ends.
+order) and are read once, when the update ends. Each optimizer step reads one pair of numbers,
+whether its loss and grad norm are finite and that norm: a step that is not finite is skipped
+(gradients dropped, no optimizer or EMA step) and counted, and optim.max_skipped_steps skipped in
+a row stop the run (NonFiniteError).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -19,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from fastnft.config import Config
+from fastnft.config import Config, ConfigError
 from fastnft.distributed import World, gradient_sync, mean_over_ranks
 from fastnft.models import TextEmbedding
 from fastnft.optimizers import from_quantized_parts, quantized_parts
@@ -32,6 +37,12 @@ from fastnft_kernels import NFTLossOutput, nft_loss, nft_loss_torch
 
 PAIR_METRICS = ("loss", "positive_loss", "negative_loss", "kl", "old_deviation", "x0_norm")
 _OPTIMIZER_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+class NonFiniteError(ConfigError):
+    """optim.max_skipped_steps optimizer steps in a row had a non-finite loss or grad norm. A
+    ConfigError, so that the CLI reports it as one line naming the field (exit 2); the run keeps
+    its last checkpoint."""
 
 
 class NFTUpdate:
@@ -63,13 +74,16 @@ class NFTUpdate:
         self.device = device
         self.progress = progress
         self.steps = 0  # optimizer steps so far
+        # Skipped steps in a row, across iterations; not checkpointed: a resume starts at 0.
+        self.skipped_in_a_row = 0
 
     def __call__(
         self, x0: Tensor, text: TextEmbedding, probability: Tensor, iteration: int, indices: list[int]
     ) -> dict[str, float | None]:
         """Trains on this rank's clean samples x0 (global image indices `indices`, optimality
         probabilities `probability`): optim.steps_per_iteration optimizer steps. Returns the
-        mean of each pair metric over the pairs and ranks, and the mean pre-clip grad norm."""
+        mean of each pair metric over the pairs and ranks and the mean pre-clip grad norm, both
+        over the steps taken (NaN when every step was skipped), and the number skipped."""
         config = self.config
         nft = config.nft
         steps = config.rollout.steps
@@ -84,7 +98,8 @@ class NFTUpdate:
         per_step = len(micro_batches) // config.optim.steps_per_iteration
         pairs_per_step = per_step * trained_times
         sums = torch.zeros(len(PAIR_METRICS), dtype=torch.float64, device=self.device)
-        grad_norm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        step_start = sums.clone()  # the sums before this step's pairs: a skipped step goes back to it
+        grad_norms: list[float] = []
         with progress_bar(len(micro_batches) * trained_times, f"train {iteration}", self.progress) as bar:
             for number, positions in enumerate(micro_batches):
                 rows = torch.tensor(positions, device=self.device)
@@ -104,14 +119,32 @@ class NFTUpdate:
                     sums += torch.stack([value.double() for value in pair])
                     bar.update(1)
                 if (number + 1) % per_step == 0:
-                    grad_norm_sum += self.optimizer_step().double()
-        pairs = len(micro_batches) * trained_times
-        means = mean_over_ranks(self.world, sums / pairs)
-        values = torch.cat([means, grad_norm_sum.view(1) / config.optim.steps_per_iteration]).tolist()
-        metrics: dict[str, float | None] = dict(zip((*PAIR_METRICS, "grad_norm"), values, strict=True))
+                    norm = self.optimizer_step(sums[0] - step_start[0])
+                    if norm is None:
+                        sums.copy_(step_start)
+                        self._count_skip(iteration)
+                    else:
+                        grad_norms.append(norm)
+                        self.skipped_in_a_row = 0
+                    step_start.copy_(sums)
+        pairs = len(grad_norms) * pairs_per_step
+        means = mean_over_ranks(self.world, sums / pairs if pairs else sums.fill_(math.nan))
+        metrics: dict[str, float | None] = dict(zip(PAIR_METRICS, means.tolist(), strict=True))
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        metrics["skipped_steps"] = config.optim.steps_per_iteration - len(grad_norms)
         if nft.kl_coef == 0:
             metrics["kl"] = None
         return metrics
+
+    def _count_skip(self, iteration: int) -> None:
+        self.skipped_in_a_row += 1
+        limit = self.config.optim.max_skipped_steps
+        if self.skipped_in_a_row >= limit:
+            raise NonFiniteError(
+                f"optim.max_skipped_steps: {limit} optimizer steps in a row had a non-finite loss or gradient "
+                f"norm, the last in iteration {iteration + 1}; stopped with the last checkpoint kept "
+                "(a lower optim.lr or optim.grad_clip may help)"
+            )
 
     def pair_loss(self, x0: Tensor, noise: Tensor, t: Tensor, r: Tensor, text: TextEmbedding) -> NFTLossOutput:
         """One (micro-batch, timestep) pair: old (and reference) velocities without grad, the
@@ -146,15 +179,35 @@ class NFTUpdate:
             return nft_loss_torch(v_theta, v_old, x0, noise, t, r, **options, weight_dtype=torch.float64)
         return nft_loss(v_theta, v_old, x0, noise, t, r, **options, backend=nft.loss_backend)
 
-    def optimizer_step(self) -> Tensor:
-        """Clip, step, zero the gradients, then the EMA step; returns the pre-clip grad norm
-        (a device scalar: reading it would sync)."""
+    def optimizer_step(self, loss: Tensor) -> float | None:
+        """Clip, step, zero the gradients, then the EMA step; returns the pre-clip grad norm. A
+        step whose loss (this rank's sum over its pairs, a device scalar) or grad norm is not
+        finite on any rank is skipped instead: gradients dropped, no optimizer or EMA step;
+        returns None. The decision reads the device once per step."""
         parameters = list(self.policies.trained_parameters().values())
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
+        bad = ~torch.isfinite(loss)
+        if self.grad_scaler is None:  # a GradScaler skips inf gradients itself, and lowers its scale
+            bad = bad | ~torch.isfinite(norm)
+        bad = bad.double()
+        if self.world.size > 1:  # every rank must take the same decision
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        skipped, norm_value = torch.stack([bad, norm.double()]).tolist()
+        if skipped:
+            if self.grad_scaler is not None:
+                self.grad_scaler.update()  # ends this step's unscale_
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        for parameter in parameters:
+            # one the loss does not reach (Qwen-Image's last text-stream layers) steps with a zero
+            # gradient rather than none, so the optimizer's state covers every trained parameter and
+            # a resumed run's optimizer finds each one's state in the checkpoint
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
@@ -164,7 +217,7 @@ class NFTUpdate:
         self.steps += 1
         if self.config.ema.enabled:
             self.policies.update_ema(ema_decay(self.steps, self.config.ema.max_decay))
-        return norm
+        return norm_value
 
     def _optimizer_state(self) -> dict[str, Any]:
         return get_optimizer_state_dict(self.policies.transformer, self.optimizer, options=_OPTIMIZER_OPTIONS)

@@ -70,7 +70,7 @@ def test_yaml_and_overrides_combine_and_paths_resolve_next_to_the_config(tmp_pat
         ("nft.kl_coef=-.inf", "nft.kl_coef: must be a finite number; got -inf"),
         ("rollout.shift=inf", "rollout.shift: must be a finite number; got inf"),
         ("rollout.shift=0", "rollout.shift: must be > 0; got 0.0"),
-        ("model.kind=sdxl", "model.kind: must be one of auto, sd3, sd3-pixel, flux; got 'sdxl'"),
+        ("model.kind=sdxl", "model.kind: must be one of auto, sd3, sd3-pixel, flux, qwen-image"),
         ("model.kind=flux", "model.kind: preset tiny-sd3 is a sd3 model, not flux"),
         ("model.guidance=-1", "model.guidance: must be >= 0; got -1.0"),
         ("model.guidance=3.5", "model.guidance: this sd3 transformer takes no guidance input"),

@@ -1,31 +1,39 @@
 """What a run promises on disk (docs/reliability.md): refusals that leave a run directory as it
 was, resume past torn metrics and damaged checkpoints, checkpoints that cannot run code, one run
-per directory, and a stop that still writes export/."""
+per directory, a stop that still writes export/, non-finite steps skipped, and errors at the CLI
+boundary as one line."""
 
 import builtins
+import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 
 import fastnft.checkpoint
 import fastnft.run
 from fastnft.checkpoint import Progress, latest_checkpoint, list_checkpoints, load_latest
 from fastnft.cli import main
 from fastnft.run import train
+from fastnft.trainer import Trainer
+from fastnft.update import NFTUpdate
 from tests.helpers import TINY_CONFIG, tiny_config
 
 QUIET = ["logging.progress=false", "logging.tensorboard=false"]
+TORCH_LOSS = ["nft.loss_backend=torch"]  # not the Triton interpreter: these tests are about the steps
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +349,123 @@ def test_a_run_stopped_during_its_start_evaluation_does_not_repeat_its_rows(tmp_
     monkeypatch.undo()
     assert main(["train", "--resume", str(out), "--iterations", "1", *QUIET]) == 0
     assert [row["iteration"] for row in rows(out)] == [0, 0, 1]  # one free and one guided row at 0
+
+
+# ---------------------------------------------------------------- 9. non-finite steps
+
+
+def poison_steps(monkeypatch, poisoned: Callable[[NFTUpdate], bool]) -> None:
+    """Every pair loss of an optimizer step for which `poisoned(update)` holds becomes NaN (so do
+    its gradients), as a diverging run's would."""
+    real = NFTUpdate.pair_loss
+
+    def pair_loss(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if poisoned(self) else out
+
+    monkeypatch.setattr(NFTUpdate, "pair_loss", pair_loss)
+
+
+def trained_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The trained, old and EMA weights and the optimizer's moments, copied."""
+    state = {f"trained.{k}": v.detach().clone() for k, v in trainer.policies.trained_parameters().items()}
+    state.update({f"ema.{k}": v.detach().clone() for k, v in trainer.policies.ema.items()})
+    state.update({f"old.{k}": v.detach().clone() for k, v in trainer.policies.old_parameters().items()})
+    for index, moments in enumerate(trainer.update.optimizer.state.values()):
+        state.update({f"optimizer.{index}.{k}": v.clone() for k, v in moments.items() if torch.is_tensor(v)})
+    return state
+
+
+def test_a_non_finite_step_is_skipped_and_counted(monkeypatch):
+    trainer = Trainer(
+        tiny_config(["optim.steps_per_iteration=2", "optim.max_skipped_steps=5", *TORCH_LOSS]),
+        progress=False,
+    )
+    trainer.run_iteration()
+    poison_steps(monkeypatch, lambda update: update.steps == 3)  # the second step of iteration 2
+    row = trainer.run_iteration()
+    assert row["skipped_steps"] == 1 and trainer.update.steps == 3 and row["optimizer_steps"] == 3
+    assert all(math.isfinite(row[key]) for key in ("loss", "grad_norm", "positive_loss"))  # the kept step's
+
+    poison_steps(monkeypatch, lambda update: True)
+    before = trained_state(trainer)
+    row = trainer.run_iteration()
+    assert row["skipped_steps"] == 2 and trainer.update.steps == 3 and math.isnan(row["loss"])
+    after = trained_state(trainer)
+    # No optimizer step, no EMA step; only the old policy moves (its soft update runs each iteration).
+    changed = sorted(key for key in before if not torch.equal(before[key], after[key]))
+    assert changed and all(key.startswith("old.") for key in changed)
+    assert trainer.update.skipped_in_a_row == 3  # with the one before
+
+    monkeypatch.undo()
+    row = trainer.run_iteration()
+    assert row["skipped_steps"] == 0 and trainer.update.steps == 5 and trainer.update.skipped_in_a_row == 0
+
+
+def test_max_skipped_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    poison_steps(monkeypatch, lambda update: update.steps >= 1)  # every step after the first
+    out = tmp_path / "run"
+    arguments = ["train", str(TINY_CONFIG), "--out", str(out), "--iterations", "6", "eval.every=0", *TORCH_LOSS, *QUIET]
+    assert main([*arguments, "optim.max_skipped_steps=2"]) == 2
+    error = one_error_line(capsys)
+    assert "optim.max_skipped_steps: 2 optimizer steps in a row" in error and "iteration 3" in error
+    assert [(row["iteration"], row["skipped_steps"]) for row in rows(out)] == [(1, 0), (2, 1)]
+    assert rows(out)[1]["loss"] is None  # NaN is written as null
+    assert latest_checkpoint(out).name == "iteration_000002" and not (out / "run.lock").exists()
+    exported = load_file(out / "export" / "pytorch_lora_weights.safetensors")
+    assert exported and all(bool(torch.isfinite(tensor).all()) for tensor in exported.values())
+
+
+def test_the_skip_decision_reads_the_device_once_per_optimizer_step(monkeypatch):
+    """One read per optimizer step (whether it is finite, and its grad norm) and one for the
+    metrics, however many (micro-batch, timestep) pairs a step holds."""
+    reads = []
+    real = torch.Tensor.tolist
+
+    def counted(self):
+        reads.append(self.numel())
+        return real(self)
+
+    def reads_of_one_update(overrides: list[str]) -> int:
+        trainer = Trainer(tiny_config([*overrides, *TORCH_LOSS]), progress=False)
+        batch = trainer.rollout.batch(0)
+        samples = trainer.rollout.sample(batch)
+        scored = trainer.rollout.score(batch, samples)
+        reads.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "tolist", counted)
+            trainer.update(samples.x0, samples.text, scored.probability, 0, batch.mine)
+        return len(reads)
+
+    assert reads_of_one_update(["nft.micro_batch_size=8"]) == 1 + 1
+    assert reads_of_one_update(["nft.micro_batch_size=2", "optim.steps_per_iteration=2"]) == 2 + 1
+
+
+# ---------------------------------------------------------------- 10. the CLI boundary
+
+
+def test_a_load_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    bad = ["lora.target_modules=[nonesuch]", *QUIET]
+    assert main(["train", str(TINY_CONFIG), "--out", str(tmp_path / "run"), *bad]) == 2
+    assert "lora.target_modules: ['nonesuch']" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()  # the trainer is built before the directory is made
+    assert main(["train", str(TINY_CONFIG), "--out", str(tmp_path / "run"), "--debug", *bad]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("FASTNFT_DEBUG", "1")
+    assert main(["train", str(TINY_CONFIG), "--out", str(tmp_path / "run"), *bad]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_failure_after_the_start_is_one_line_with_exit_1(tmp_path, capsys, monkeypatch):
+    def crash(self):
+        raise RuntimeError("the device fell over")
+
+    monkeypatch.setattr(Trainer, "run_iteration", crash)
+    out = tmp_path / "run"
+    assert main(["train", str(TINY_CONFIG), "--out", str(out), "eval.every=0", *QUIET]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "fastnft: error: RuntimeError: the device fell over (--debug or FASTNFT_DEBUG=1 shows the traceback)"
+    ]
+    with pytest.raises(RuntimeError, match="fell over"):
+        main(["train", str(TINY_CONFIG), "--out", str(out), "--overwrite", "--debug", "eval.every=0", *QUIET])

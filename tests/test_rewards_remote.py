@@ -1,5 +1,6 @@
 """`http` and `judge` rewards against stub services on 127.0.0.1: success, retry, timeout,
-malformed replies, a service that is down."""
+malformed replies, a service that is down, options checked at build, and credentials that stay
+out of the run directory and off other origins."""
 
 import base64
 import io
@@ -7,6 +8,8 @@ import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -14,8 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+from fastnft.cli import main
 from fastnft.rewards import build_reward
 from fastnft.rewards.remote import ServiceError, png_base64
+from tests.helpers import TINY_CONFIG
 
 
 class Stub:
@@ -24,12 +29,14 @@ class Stub:
     def __init__(self, reply):
         self.reply = reply
         self.requests = []
+        self.headers = []  # each request's headers
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append((self.path, payload))
+                stub.headers.append(dict(self.headers))
                 status, body = stub.reply(payload)
                 data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
                 try:
@@ -39,6 +46,12 @@ class Stub:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout tests)
+
+            def do_GET(self):  # urllib turns a redirected POST into a GET: recorded, refused
+                stub.headers.append(dict(self.headers))
+                self.send_response(405)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, *args):
                 pass
@@ -188,3 +201,105 @@ def test_remote_options_are_checked():
 def test_images_are_sent_as_their_rounded_8_bit_pixels():
     decoded = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(e)))) for e in png_base64(IMAGES)])
     assert np.array_equal(decoded, (IMAGES * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+SECRET = "sk-fake-0123456789-do-not-log"
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("http", {"url": "http://127.0.0.1:1", "retries": -1}, r"options\.retries must be an integer >= 0"),
+        ("http", {"url": "http://127.0.0.1:1", "timeout": "soon"}, r"options\.timeout must be a number > 0"),
+        ("http", {"url": "ftp://127.0.0.1:1"}, "must be an http:// or https:// URL"),
+        ("judge", {"url": "http://127.0.0.1:1", "model": "m", "pattern": "([0-9"}, "not a regular expression"),
+        ("judge", {"url": "http://127.0.0.1:1", "model": "m", "pattern": "[0-9]+"}, "needs a group"),
+        ("judge", {"url": "http://127.0.0.1:1", "model": "m", "template": "{image}"}, r"options\.template"),
+    ],
+)
+def test_bad_remote_options_fail_when_the_reward_is_built(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        build_reward(name, **options)
+
+
+@pytest.mark.parametrize("options", [{"headers": {"Authorization": SECRET}}, {"headres": {"Authorization": SECRET}}])
+def test_header_values_are_refused_without_being_echoed(options):
+    with pytest.raises(ValueError) as error:
+        build_reward("http", url="http://127.0.0.1:1", **options)
+    assert SECRET not in str(error.value) and ("headers_env" in str(error.value) or "headres" in str(error.value))
+
+
+def test_credentials_come_from_the_environment_and_never_reach_the_run_directory(stub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTNFT_TEST_TOKEN", SECRET)
+    monkeypatch.setenv("FASTNFT_TEST_KEY", SECRET)
+    scorer = stub(lambda payload: (200, {"scores": [1.0] * len(payload["images"])}))
+    judge = stub(lambda payload: (200, chat_reply("Final Score: 3")))
+    rewards = [
+        {"name": "http", "options": {"url": scorer.url, "headers_env": {"Authorization": "FASTNFT_TEST_TOKEN"}}},
+        {"name": "judge", "options": {"url": judge.url, "model": "vlm", "api_key_env": "FASTNFT_TEST_KEY", **FAST}},
+    ]
+    out = tmp_path / "run"
+    overrides = ["eval.every=0", "logging.progress=false", f"rewards={json.dumps(rewards)}"]
+    assert main(["train", str(TINY_CONFIG), "--out", str(out), "--iterations", "1", *overrides]) == 0
+    assert {headers["Authorization"] for headers in scorer.headers} == {SECRET}  # the credentials were sent
+    assert {headers["Authorization"] for headers in judge.headers} == {f"Bearer {SECRET}"}
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert any(path.name == "config.yaml" for path in written) and any(path.name == "run.json" for path in written)
+    assert [path for path in written if SECRET.encode() in path.read_bytes()] == []
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+
+
+class Redirector:
+    """A service that answers every POST with a redirect to `target`."""
+
+    def __init__(self, code: int, target: str) -> None:
+        self.requests = 0
+        redirector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                redirector.requests += 1
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(code)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("name", ["judge", "http"])
+def test_credentials_never_follow_a_redirect_to_another_origin(stub, monkeypatch, code, name):
+    """Two services on 127.0.0.1, so two origins (their ports differ): the first redirects every
+    request to the second, which must never see one. (urllib on its own follows a POST's 301, 302
+    and 303 with every header, the key included.)"""
+    monkeypatch.setenv("FASTNFT_TEST_KEY", SECRET)
+    other = stub(lambda payload: (200, chat_reply("Final Score: 5")))
+    redirector = Redirector(code, other.url + "/v1/chat/completions")
+    try:
+        if name == "judge":
+            options = {"model": "vlm", "api_key_env": "FASTNFT_TEST_KEY"}
+        else:
+            options = {"headers_env": {"Authorization": "FASTNFT_TEST_KEY"}}
+        reward = build_reward(name, url=redirector.url, **options, **FAST)
+        with pytest.raises(ServiceError, match=rf"redirected \(HTTP {code}\) to another origin, http://127\.0\.0\.1:"):
+            reward(IMAGES[:1], PROMPTS[:1], [{}])
+        assert redirector.requests == 1 and other.requests == [] and other.headers == []  # refused, not retried
+        if code in (301, 302, 303):  # the control: urllib's own redirect handler hands the key on
+            request = urllib.request.Request(redirector.url, data=b"{}", headers={"Authorization": SECRET})
+            with pytest.raises(urllib.error.HTTPError, match="405"):
+                urllib.request.urlopen(request, timeout=2.0)
+            assert [headers["Authorization"] for headers in other.headers] == [SECRET]
+    finally:
+        redirector.close()

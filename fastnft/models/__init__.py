@@ -30,9 +30,11 @@ FAMILIES = {
     "sd3": Family("fastnft.models.sd3:SD3Adapter", "StableDiffusion3Pipeline"),
     "sd3-pixel": Family("fastnft.models.sd3_pixel:SD3PixelAdapter", None),
     "flux": Family("fastnft.models.flux:FluxAdapter", "FluxPipeline"),
+    "qwen-image": Family("fastnft.models.qwen_image:QwenImageAdapter", "QwenImagePipeline"),
+    "wan": Family("fastnft.models.wan:WanAdapter", "WanPipeline"),
 }
-PLANNED = {"QwenImagePipeline": "qwen-image", "WanPipeline": "wan"}  # named in errors, not implemented
-PRESET_KINDS = {"tiny-sd3": "sd3", "sd35m": "sd3"}  # the family of each preset in presets.PRESETS
+PLANNED: dict[str, str] = {}  # pipeline class -> kind: named in errors, not implemented
+PRESET_KINDS = {"tiny-sd3": "sd3", "sd35m": "sd3", "flux-dev": "flux"}  # the family of each preset in presets.PRESETS
 INDEX = "model_index.json"
 
 
@@ -127,12 +129,24 @@ def check_model_rules(config: Config) -> None:
             f"model.guidance: this {kind} transformer takes no guidance input (FLUX.1-dev's distilled "
             "guidance); classifier-free guidance is rollout.guidance_scale"
         )
+    check_frames(config, kind, traits)
+
+
+def check_frames(config: Config, kind: str, traits: ModelTraits) -> None:
+    """model.frames and rewards[].frames against the samples: an image family makes one frame;
+    a video family checked model.frames against its VAE's temporal stride in its traits."""
+    if not traits.video and config.model.frames not in (None, 1):
+        raise ConfigError(f"model.frames: this {kind} model makes images (1 frame); got {config.model.frames}")
+    for number, reward in enumerate(config.rewards):
+        if reward.frames is not None and reward.frames > traits.frames:
+            samples = f"{traits.frames}-frame videos" if traits.video else f"images (this {kind} model's samples)"
+            raise ConfigError(f"rewards[{number}].frames: {reward.frames} frames of {samples}")
 
 
 def build_model(config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype) -> ModelAdapter:
     kind = resolve_kind(config)
-    if kind == "sd3" and config.preset in SYNTHETIC_TEXT_PRESETS:
-        from fastnft.models.synthetic import SyntheticTextSD3Adapter
+    if config.preset in SYNTHETIC_TEXT_PRESETS:
+        from fastnft.models.synthetic import synthetic_text_adapter
 
-        return SyntheticTextSD3Adapter.from_config(config, seed, device, weight_dtype)
+        return synthetic_text_adapter(kind).from_config(config, seed, device, weight_dtype)
     return adapter_class(kind).from_config(config, seed, device, weight_dtype)

@@ -16,34 +16,56 @@ from fastnft.sampling import timestep_grid
 
 @dataclass
 class TextEmbedding:
-    """Conditioning of a batch: sequence [B, L, D] and pooled [B, P] embeddings."""
+    """Conditioning of a batch: sequence [B, L, D] and pooled [B, P] embeddings (P = 0 for a
+    family without one, Qwen-Image), and an optional mask [B, L] (1: a token, 0: padding) for
+    sequences of different lengths (Qwen-Image); None: every token counts, as SD3 and FLUX pad
+    to a fixed length and attend to all of it. `cat` pads shorter sequences with zeros and
+    masks them out, so embeddings of different batches join into one table."""
 
     sequence: Tensor
     pooled: Tensor
+    mask: Tensor | None = None
 
     def __len__(self) -> int:
         return self.sequence.shape[0]
 
     def index(self, rows: Tensor | list[int] | slice) -> TextEmbedding:
-        return TextEmbedding(self.sequence[rows], self.pooled[rows])
+        mask = None if self.mask is None else self.mask[rows]
+        return TextEmbedding(self.sequence[rows], self.pooled[rows], mask)
 
     def repeat_interleave(self, repeats: int) -> TextEmbedding:
-        return TextEmbedding(self.sequence.repeat_interleave(repeats, 0), self.pooled.repeat_interleave(repeats, 0))
+        sequence, pooled = self.sequence.repeat_interleave(repeats, 0), self.pooled.repeat_interleave(repeats, 0)
+        return TextEmbedding(sequence, pooled, None if self.mask is None else self.mask.repeat_interleave(repeats, 0))
 
     @staticmethod
     def cat(parts: list[TextEmbedding]) -> TextEmbedding:
-        return TextEmbedding(torch.cat([p.sequence for p in parts]), torch.cat([p.pooled for p in parts]))
+        length = max(p.sequence.shape[1] for p in parts)
+        pooled = torch.cat([p.pooled for p in parts])
+        if all(p.mask is None and p.sequence.shape[1] == length for p in parts):
+            return TextEmbedding(torch.cat([p.sequence for p in parts]), pooled)
+        sequence = torch.cat([nn.functional.pad(p.sequence, (0, 0, 0, length - p.sequence.shape[1])) for p in parts])
+        return TextEmbedding(sequence, pooled, torch.cat([p.padded_mask(length) for p in parts]))
+
+    def padded_mask(self, length: int) -> Tensor:
+        """[B, length]: the mask (all ones when None) with zeros past this embedding's length."""
+        batch, own = self.sequence.shape[:2]
+        mask = self.mask
+        if mask is None:
+            mask = torch.ones(batch, own, dtype=torch.long, device=self.sequence.device)
+        return nn.functional.pad(mask, (0, length - own))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> TextEmbedding:
+        mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
         return TextEmbedding(
-            self.sequence.to(device, non_blocking=non_blocking), self.pooled.to(device, non_blocking=non_blocking)
+            self.sequence.to(device, non_blocking=non_blocking), self.pooled.to(device, non_blocking=non_blocking), mask
         )
 
     def cast(self, dtype: torch.dtype) -> TextEmbedding:
-        return TextEmbedding(self.sequence.to(dtype), self.pooled.to(dtype))
+        return TextEmbedding(self.sequence.to(dtype), self.pooled.to(dtype), self.mask)  # the mask keeps its dtype
 
     def pin_memory(self) -> TextEmbedding:
-        return TextEmbedding(self.sequence.pin_memory(), self.pooled.pin_memory())
+        mask = None if self.mask is None else self.mask.pin_memory()
+        return TextEmbedding(self.sequence.pin_memory(), self.pooled.pin_memory(), mask)
 
 
 @dataclass(frozen=True)
@@ -53,6 +75,8 @@ class ModelTraits:
     kind: str
     dynamic_shift: bool = False  # the grid's shift follows the image size: rollout.shift must stay unset
     embedded_guidance: bool = False  # the transformer takes a distilled-guidance input (model.guidance)
+    video: bool = False  # samples are videos: decode gives [B, 3, F, H, W], and model.frames applies
+    frames: int = 1  # frames of each decoded sample (model.frames resolved)
 
 
 def weight_dtype(transformer: nn.Module) -> torch.dtype:
@@ -66,6 +90,7 @@ def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
     blocks = [
         *getattr(transformer, "transformer_blocks", []),
         *getattr(transformer, "single_transformer_blocks", []),  # FLUX-style models
+        *getattr(transformer, "blocks", []),  # Wan
     ]
     if not blocks:
         raise ValueError(f"{type(transformer).__name__} has no transformer_blocks")
@@ -81,6 +106,9 @@ class ModelAdapter(ABC):
     transformer: nn.Module
     default_lora_targets: tuple[str, ...]
     default_shift: float  # the static grid shift when rollout.shift is unset (timestep_grid)
+    # the prompt whose conditioning classifier-free guidance pushes away from (TextConditioning.empty):
+    # "" for SD3 and FLUX; a family whose pipeline defaults to another (Qwen-Image: " ") sets it
+    negative_prompt: str = ""
 
     @classmethod
     @abstractmethod
@@ -113,7 +141,8 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def decode(self, samples: Tensor) -> Tensor:
-        """[B, *sample_shape] -> images [B, 3, H, W] in [0, 1] (no grad)."""
+        """[B, *sample_shape] -> images [B, 3, H, W] in [0, 1] (no grad); a video family's videos
+        [B, 3, F, H, W] (ModelTraits.video), whose frames the rewards score (fastnft.rewards.frames)."""
 
     @abstractmethod
     def encode_images(self, images: Tensor) -> Tensor:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError, ModelConfig
 from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, weight_dtype
+from fastnft.models.scheduler_grid import scheduler_grid
 from fastnft.models.sd3 import JOINT_ATTENTION_PROJECTIONS
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -63,18 +63,20 @@ def lora_targets(transformer: nn.Module) -> tuple[str, ...]:
     return (*JOINT_ATTENTION_PROJECTIONS, *(f"single_transformer_blocks.{i}.proj_out" for i in range(singles)))
 
 
-def component_paths(config: ModelConfig) -> dict[str, Path]:
+def component_paths(
+    config: ModelConfig, components: tuple[str, ...] = COMPONENTS, family: str = "FLUX"
+) -> dict[str, Path]:
     """Each component's directory (model.component_paths over model.path/<name>); a ConfigError
-    names the first one missing."""
+    names the first one missing. Qwen-Image passes its own components and name."""
     root = Path(config.path) if config.path is not None else None
     paths = {}
-    for name in COMPONENTS:
+    for name in components:
         override = config.component_paths.get(name)
         path = Path(override) if override is not None else (root / name if root is not None else None)
         if path is None or not path.is_dir():
             raise ConfigError(
-                f"model.path: {root} has no {name}/ directory (a FLUX pipeline directory holds "
-                f"{', '.join(c + '/' for c in COMPONENTS)}; model.component_paths.{name} can name another)"
+                f"model.path: {root} has no {name}/ directory (a {family} pipeline directory holds "
+                f"{', '.join(c + '/' for c in components)}; model.component_paths.{name} can name another)"
             )
         paths[name] = path
     return paths
@@ -99,12 +101,17 @@ def _load_component(name: str, path: Path, weight_dtype: torch.dtype):
     return loaders[name].from_pretrained(path, torch_dtype=weight_dtype)
 
 
-def load_flux_pipeline(config: ModelConfig, weight_dtype: torch.dtype):
-    """A FluxPipeline from model.path, components replaced by model.component_paths."""
+def load_flux_pipeline(config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype):
+    """A FluxPipeline from model.path, components replaced by model.component_paths; or a
+    preset's random-init components, built on the device."""
     from diffusers import FluxPipeline
 
-    if config.preset is not None:
-        raise ConfigError(f"model.preset: {config.preset} is not a FLUX model (FLUX loads from model.path)")
+    if config.preset is not None:  # a bench preset: random weights, no text encoders
+        from fastnft.models.presets import build_preset
+
+        components = build_preset(config.preset, seed, device)
+        encoders = dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
+        return FluxPipeline(**components, **encoders).to(dtype=weight_dtype)
     component_paths(config)  # every component is there before anything loads
     overrides = {name: _load_component(name, Path(path), weight_dtype) for name, path in config.component_paths.items()}
     return FluxPipeline.from_pretrained(config.path, torch_dtype=weight_dtype, **overrides)
@@ -159,7 +166,7 @@ class FluxAdapter(ModelAdapter):
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype):
         return cls(
-            load_flux_pipeline(config, weight_dtype),
+            load_flux_pipeline(config, seed, device, weight_dtype),
             resolution=config.resolution,
             clip_max_length=config.clip_max_length,
             t5_max_length=config.t5_max_length,
@@ -174,6 +181,14 @@ class FluxAdapter(ModelAdapter):
         and transformer/config.json (guidance_embeds: dev yes, schnell no)."""
         from fastnft.models import read_json
 
+        if config.preset is not None:  # the bench presets are FLUX.1-dev
+            from fastnft.models.presets import FLUX_DEV_SCHEDULER, FLUX_DEV_TRANSFORMER
+
+            return ModelTraits(
+                kind,
+                dynamic_shift=FLUX_DEV_SCHEDULER["use_dynamic_shifting"],
+                embedded_guidance=FLUX_DEV_TRANSFORMER["guidance_embeds"],
+            )
         paths = component_paths(config)
         scheduler = read_json(paths["scheduler"] / "scheduler_config.json", "model.path")
         transformer = read_json(paths["transformer"] / "config.json", "model.path")
@@ -191,30 +206,10 @@ class FluxAdapter(ModelAdapter):
         """FluxPipeline's grid: its sigmas linspace(1, 1/steps, steps) through the model's own
         scheduler config, shifted by mu from the image token count (calculate_shift between the
         config's base and max shift) when use_dynamic_shifting, else statically by its shift (or
-        rollout.shift); then the final 0."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
-        sigmas = np.linspace(1.0, 1.0 / steps, steps)
-        if not scheduler.config.use_dynamic_shifting:
-            if shift is not None:
-                scheduler.set_shift(shift)
-            scheduler.set_timesteps(sigmas=sigmas)
-            return scheduler.sigmas.to(torch.float32).cpu()
-        if shift is not None:
-            raise ConfigError("rollout.shift: this FLUX model shifts its grid by the image size; leave it unset")
+        rollout.shift); then the final 0 (fastnft.models.scheduler_grid, shared with Qwen-Image)."""
         _, height, width = self._sample_shape
-        config = scheduler.config
-        mu = calculate_shift(
-            (height // PACK) * (width // PACK),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        scheduler.set_timesteps(sigmas=sigmas, mu=mu)
-        return scheduler.sigmas.to(torch.float32).cpu()
+        tokens = (height // PACK) * (width // PACK)
+        return scheduler_grid(self.pipeline.scheduler.config, steps, shift, tokens, "FLUX")
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> TextEmbedding:

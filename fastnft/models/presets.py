@@ -176,8 +176,46 @@ def sd35m_components(seed: int) -> dict[str, object]:
 
 # Model-generic presets only: a task's own architecture (e.g. fastnft/shapes/base_model.py) lives with
 # its task, above this package, and is built by the code that needs it.
-PRESETS = {"tiny-sd3": tiny_sd3_components, "sd35m": sd35m_components}
-SYNTHETIC_TEXT_PRESETS = ("sd35m",)  # presets without text encoders
+# FLUX.1-dev's published configs (transformer/, vae/, scheduler/ of its pipeline directory).
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_VAE = {**SD35M_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+FLUX_DEV_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+def flux_dev_components(seed: int) -> dict[str, object]:
+    """FLUX.1-dev's transformer (11.9 B parameters) and VAE from their configs with random
+    weights and no text encoders (the bench feeds random prompt embeddings: models/synthetic.py)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    with seeded(seed):
+        return {
+            "transformer": FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER),
+            "vae": AutoencoderKL(**FLUX_VAE),
+            "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
+        }
+
+
+PRESETS = {"tiny-sd3": tiny_sd3_components, "sd35m": sd35m_components, "flux-dev": flux_dev_components}
+SYNTHETIC_TEXT_PRESETS = ("sd35m", "flux-dev")  # presets without text encoders
 
 
 def build_preset(name: str, seed: int, device: torch.device | str = "cpu") -> dict[str, object]:

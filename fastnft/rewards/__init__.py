@@ -2,6 +2,10 @@
 
     reward(images [B, 3, H, W] in [0, 1], prompts, metadata) -> RewardOutput(score [B], extras)
 
+A video model's videos [B, 3, F, H, W] reach every reward as frames (`rewards[].frames` evenly
+spaced frames of each, every frame by default), each video scored by the mean over its frames
+(`WeightedRewards`, `score_frames`).
+
 `register` adds a reward class under a name, `build_reward(name, **options)` builds one,
 `available_rewards()` lists them. Importing this package registers every built-in reward, also
 those whose optional packages are missing: building one of those names the extra to install.

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from fastnft.visual import even_frames
 
 _REGISTRY: dict[str, type[Reward]] = {}
 
@@ -62,22 +65,53 @@ def build_reward(name: str, **options: Any) -> Reward:
             error
         )
     except TypeError as error:
-        raise ValueError(f"reward {name!r}: bad options {options}: {error}") from None
+        # The option names only: a value may be a credential, which must not reach a log.
+        raise ValueError(f"reward {name!r}: bad options ({', '.join(sorted(options))}): {error}") from None
+
+
+def score_frames(
+    reward: Reward, videos: Tensor, prompts: list[str], metadata: list[dict[str, Any]], frames: int | None
+) -> RewardOutput:
+    """An image reward on videos [B, 3, F, H, W]: `frames` evenly spaced frames of each video
+    (every frame when None) scored as one batch of images, each video's score and extras the
+    mean over its frames. Every image reward scores videos this way, none of them knows it."""
+    batch, _, total = videos.shape[:3]
+    chosen = list(range(total)) if frames is None else even_frames(total, frames)
+    count = len(chosen)
+    images = videos[:, :, chosen].movedim(2, 1).flatten(0, 1).contiguous()  # [B * count, 3, H, W], video-major
+    output = reward(images, [p for p in prompts for _ in chosen], [m for m in metadata for _ in chosen])
+    if output.score.shape != (batch * count,):
+        raise RuntimeError(f"returned shape {tuple(output.score.shape)} for {batch * count} frames")
+
+    def per_video(values: Tensor) -> Tensor:
+        return values.detach().double().cpu().view(batch, count).mean(1)
+
+    return RewardOutput(per_video(output.score), {key: per_video(value) for key, value in output.extras.items()})
 
 
 class WeightedRewards:
-    """R = sum_i weight_i * reward_i (the std of the optimality map is taken over this sum)."""
+    """R = sum_i weight_i * reward_i (the std of the optimality map is taken over this sum).
+    Videos are scored frame by frame (score_frames), `frames[i]` frames for reward i."""
 
-    def __init__(self, specs: list[tuple[str, float, dict[str, Any]]]) -> None:
+    def __init__(
+        self, specs: list[tuple[str, float, dict[str, Any]]], frames: Sequence[int | None] | None = None
+    ) -> None:
         self.rewards = [(build_reward(name, **options), weight) for name, weight, options in specs]
+        self.frames = list(frames) if frames is not None else [None] * len(self.rewards)
+        if len(self.frames) != len(self.rewards):
+            raise ValueError(f"{len(self.frames)} frame counts for {len(self.rewards)} rewards")
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
-        """score [B] = the weighted sum; extras: reward_<name> [B] per reward and every reward's extras."""
+        """score [B] = the weighted sum; extras: reward_<name> [B] per reward and every reward's
+        extras. `images` [B, 3, H, W], or videos [B, 3, F, H, W]."""
         total = torch.zeros(images.shape[0], dtype=torch.float64)
         extras: dict[str, Tensor] = {}
-        for reward, weight in self.rewards:
+        for (reward, weight), frames in zip(self.rewards, self.frames, strict=True):
             try:
-                output = reward(images, prompts, metadata)
+                if images.ndim == 5:
+                    output = score_frames(reward, images, prompts, metadata, frames)
+                else:
+                    output = reward(images, prompts, metadata)
             except Exception as error:
                 raise RuntimeError(f"reward {reward.name!r} failed: {error}") from error
             score = output.score.detach().double().cpu()
