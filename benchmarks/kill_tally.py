@@ -1,16 +1,16 @@
 """Kill tally: SIGKILL `fastnft train` at random moments, resume, and check that every run that
 reaches its end equals an uninterrupted one (docs/reliability.md, "What a stop or a kill loses").
 
-    python benchmarks/kill_tally.py [--kills 20] [--iterations 6] [--budget 1800] [--seed 0] [--out DIR]
+    python benchmarks/kill_tally.py [--kills 20] [--iterations 100] [--budget 1800] [--seed 0] [--out DIR]
 
-It first runs configs/tiny.yaml uninterrupted twice (the reference; the faster run's times, warm
-caches, set the kill delays: its start-up and its time per iteration), then loops: start the run (`--resume` when it has a checkpoint, else afresh with
-`--overwrite`), kill it after a random delay drawn from [half the start-up time, the time the
-rest of the run should take: start-up plus the iterations after its last checkpoint], until
-`--kills` kills; a run that ends before its kill is compared with the reference, and so is the
-final run, resumed once more and left to finish. Every wait is bounded: the loop stops
-at `--budget` seconds. Prints the tally: kills (and what each left on disk), resumes, fresh
-starts, completed runs, mismatches, failures.
+It first runs configs/tiny.yaml uninterrupted twice: the reference. The faster run's times (warm
+caches) set the kill delays. Then it loops: start the run (`--resume` when it has a checkpoint,
+else afresh with `--overwrite`) and kill it after a random delay, drawn from [half the start-up
+time, the time the rest of the run should take: start-up plus the iterations after its last
+checkpoint], until `--kills` kills. A run that ends before its kill is compared with the
+reference, and so is the final run, resumed once more and left to finish. Every wait is
+bounded: the loop stops at `--budget` seconds. Prints a line per start and the tally: kills (and
+what each interrupted), resumes, fresh starts, completed runs, mismatches, failures.
 """
 
 from __future__ import annotations
@@ -66,16 +66,22 @@ def result(run: Path) -> tuple[list[dict], dict[str, bytes]]:
     return rows, {name: tensor.numpy().tobytes() for name, tensor in weights.items()}
 
 
-def left_on_disk(run: Path) -> str:
-    """What a kill left: the stage of the run it interrupted, as its directory shows it."""
+def rows_in(run: Path) -> int:
+    metrics = run / "metrics.jsonl"
+    return len(metrics.read_bytes().splitlines()) if metrics.exists() else 0
+
+
+def interrupted(run: Path, launched: float, rows_before: int, done_before: int, iterations: int) -> str:
+    """What a kill interrupted, from what the run wrote since its launch (wall-clock `launched`)."""
     root = run / "checkpoints"
-    if root.is_dir() and any(p.name.startswith(".tmp-") for p in root.iterdir()):
-        return "a half-written checkpoint"
-    if (run / "export").exists():
-        return "an export"
-    if checkpoints(run):
-        return "checkpoints"
-    return "no checkpoint yet" if (run / "config.yaml").exists() else "nothing (killed while starting)"
+    temporary = [p for p in root.glob(".tmp-*")] if root.is_dir() else []
+    if any(p.stat().st_mtime >= launched for p in temporary):
+        return "a checkpoint being written"
+    if done(run) == iterations and (run / "export").exists() and done_before == iterations:
+        return "the end (report, export)"
+    if rows_in(run) > rows_before or done(run) > done_before:
+        return "training"
+    return "the start (before its first iteration)"
 
 
 def reference_run(out: Path, iterations: int) -> tuple[float, float]:
@@ -100,7 +106,7 @@ def reference_run(out: Path, iterations: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--budget", type=float, default=1800.0, help="seconds; the loop stops there")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="work directory (default: a temporary one, removed)")
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         finishing = finishing or tally["kills"] >= args.kills or time.monotonic() > deadline
         resume, start = bool(checkpoints(run)), done(run)
         tally["resumes" if resume else "fresh starts"] += 1
+        launched, rows_before = time.time(), rows_in(run)
         child = subprocess.Popen(
             command(run, args.iterations, resume), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -140,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             child.send_signal(signal.SIGKILL)
             child.wait()
             tally["kills"] += 1
-            stages[left_on_disk(run)] += 1
-            print(f"{line}killed after {delay:.1f} s, leaving {left_on_disk(run)}", flush=True)
+            stage = interrupted(run, launched, rows_before, start, args.iterations)
+            stages[stage] += 1
+            print(f"{line}killed after {delay:.1f} s, during {stage} (last checkpoint: {done(run)})", flush=True)
             continue
         if code != 0:
             tally["failures"] += 1
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         f"kills {tally['kills']}, resumes {tally['resumes']}, fresh starts {tally['fresh starts']}, "
         f"completed runs {tally['completed runs']}, mismatches {tally['mismatches']}, failures {tally['failures']}"
     )
-    print("what the kills left: " + ", ".join(f"{stage} {count}" for stage, count in stages.most_common()))
+    print("the kills interrupted: " + ", ".join(f"{stage} {count}" for stage, count in stages.most_common()))
     if args.out is None:
         shutil.rmtree(out)
     return 1 if tally["mismatches"] or tally["failures"] else 0
