@@ -3,14 +3,15 @@ reaches its end equals an uninterrupted one (docs/reliability.md, "What a stop o
 
     python benchmarks/kill_tally.py [--kills 20] [--iterations 100] [--budget 1800] [--seed 0] [--out DIR]
 
-It first runs configs/tiny.yaml uninterrupted twice: the reference. The faster run's times (warm
-caches) set the kill delays. Then it loops: start the run (`--resume` when it has a checkpoint,
-else afresh with `--overwrite`) and kill it after a random delay, drawn from [half the start-up
-time, the time the rest of the run should take: start-up plus the iterations after its last
-checkpoint], until `--kills` kills. A run that ends before its kill is compared with the
-reference, and so is the final run, resumed once more and left to finish. Every wait is
-bounded: the loop stops at `--budget` seconds. Prints a line per start and the tally: kills (and
-what each interrupted), resumes, fresh starts, completed runs, mismatches, failures.
+It first runs configs/tiny.yaml uninterrupted twice, the reference, and times it (the faster run:
+warm caches): the start of a fresh and of a resumed run, each iteration, the end. Then it loops:
+start the run (`--resume` when it has a checkpoint, else afresh with `--overwrite`) and kill it
+at a moment drawn uniformly from the time the launch should live and a quarter more, so that
+about one launch in five ends first; until `--kills` kills. A run that reaches its end is
+compared with the reference, and so is the final run, resumed once more and left to finish.
+Every wait is bounded: the loop stops at `--budget` seconds. Prints a line per launch and the
+tally: kills (and what each interrupted), resumes, fresh starts, completed runs, mismatches,
+failures.
 """
 
 from __future__ import annotations
@@ -71,36 +72,60 @@ def rows_in(run: Path) -> int:
     return len(metrics.read_bytes().splitlines()) if metrics.exists() else 0
 
 
-def interrupted(run: Path, launched: float, rows_before: int, done_before: int, iterations: int) -> str:
-    """What a kill interrupted, from what the run wrote since its launch (wall-clock `launched`)."""
-    root = run / "checkpoints"
-    temporary = [p for p in root.glob(".tmp-*")] if root.is_dir() else []
-    if any(p.stat().st_mtime >= launched for p in temporary):
+def interrupted(run: Path, launched: float, rows_before: int, done_before: int) -> str:
+    """What a kill interrupted, from what the launch wrote (files newer than `launched`, wall clock)."""
+
+    def newer(paths: list[Path]) -> bool:
+        return any(path.stat().st_mtime >= launched for path in paths)
+
+    if newer(list((run / "checkpoints").glob(".tmp-*"))):
         return "a checkpoint being written"
-    if done(run) == iterations and (run / "export").exists() and done_before == iterations:
-        return "the end (report, export)"
+    if newer([path for path in (run / "export").rglob("*") if path.is_file()]):
+        return "the end (export, report)"
     if rows_in(run) > rows_before or done(run) > done_before:
-        return "training"
+        return "training, between checkpoints"
     return "the start (before its first iteration)"
 
 
-def reference_run(out: Path, iterations: int) -> tuple[float, float]:
-    """Runs the reference; returns (seconds to its first iteration line, seconds in all)."""
-    started = time.monotonic()
-    child = subprocess.Popen(
-        command(out / "reference", iterations, resume=False),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    first = None
+def timed(arguments: list[str], first: str) -> tuple[float, float]:
+    """Runs `fastnft train` to its end: (seconds to its first line starting with `first`, seconds
+    in all)."""
+    started, first_at = time.monotonic(), 0.0
+    child = subprocess.Popen(arguments, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in child.stdout:
-        if first is None and line.startswith("iteration 1/"):
-            first = time.monotonic() - started
+        if not first_at and line.startswith(first):
+            first_at = time.monotonic() - started
     if child.wait(timeout=RUN_LIMIT) != 0:
-        raise SystemExit("the reference run failed")
-    return first or 0.0, time.monotonic() - started
+        raise SystemExit(f"an uninterrupted run failed: {arguments}")
+    return first_at, time.monotonic() - started
+
+
+def reference_times(out: Path, iterations: int) -> dict[str, float]:
+    """Runs the reference twice (the faster run's times count: warm caches), and resumes a copy of
+    it for one iteration more. Returns the seconds of a fresh and of a resumed run's start (to the
+    end of its first iteration), of each further iteration, and of the end (export, report)."""
+    reference = out / "reference"
+    runs = [timed(command(reference, iterations, resume=False), "iteration 1/") for _ in range(2)]
+    start_up, whole = min(runs, key=lambda times: times[1])
+    shutil.copytree(reference, out / "resumed")
+    resume_start_up, resumed = timed(
+        command(out / "resumed", iterations + 1, resume=True), f"iteration {iterations + 1}/"
+    )
+    shutil.rmtree(out / "resumed")
+    end = resumed - resume_start_up
+    return {
+        "start": start_up,
+        "resumed start": resume_start_up,
+        "iteration": (whole - start_up - end) / (iterations - 1),
+        "end": end,
+    }
+
+
+def lifetime(times: dict[str, float], iterations: int, resume_from: int | None) -> float:
+    """How long a launch should live: its start, the iterations after the first, the end."""
+    start = times["start"] if resume_from is None else times["resumed start"]
+    left = iterations - 1 - (resume_from or 0)
+    return start + max(left, 0) * times["iteration"] + times["end"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,10 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="kill-tally-"))
     rng = random.Random(args.seed)
 
-    start_up, whole = min((reference_run(out, args.iterations) for _ in range(2)), key=lambda times: times[1])
+    times = reference_times(out, args.iterations)
     expected = result(out / "reference")
-    print(f"reference: {args.iterations} iterations in {whole:.1f} s (first iteration after {start_up:.1f} s)")
-    per_iteration = (whole - start_up) / args.iterations
+    print("reference, seconds: " + ", ".join(f"{name} {value:.2f}" for name, value in times.items()))
 
     run = out / "run"
     tally: Counter[str] = Counter()
@@ -133,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         child = subprocess.Popen(
             command(run, args.iterations, resume), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        rest = start_up + (args.iterations - start) * per_iteration
-        delay = RUN_LIMIT if finishing else rng.uniform(start_up / 2, rest)
+        # Uniform over the launch's life and a quarter past it, so that about one launch in five ends first.
+        life = lifetime(times, args.iterations, start if resume else None)
+        delay = RUN_LIMIT if finishing else rng.uniform(0, 1.25 * life)
         line = f"{time.monotonic() - began:6.0f} s  {'resume from ' + str(start) if resume else 'fresh start'}: "
         try:
             code = child.wait(timeout=delay)
@@ -147,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             child.send_signal(signal.SIGKILL)
             child.wait()
             tally["kills"] += 1
-            stage = interrupted(run, launched, rows_before, start, args.iterations)
+            stage = interrupted(run, launched, rows_before, start)
             stages[stage] += 1
             print(f"{line}killed after {delay:.1f} s, during {stage} (last checkpoint: {done(run)})", flush=True)
             continue
