@@ -203,10 +203,11 @@ class NFTUpdate:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         for parameter in parameters:
-            # one the loss does not reach (Qwen-Image's last text-stream layers) steps with a zero
-            # gradient rather than none, so the optimizer's state covers every trained parameter and
-            # a resumed run's optimizer finds each one's state in the checkpoint
-            if parameter.grad is None:
+            # one the loss does not reach (Qwen-Image's last text-stream layers) takes its first
+            # step with a zero gradient rather than none, so the optimizer's state covers every
+            # trained parameter and a resumed run finds each one's state in the checkpoint; later
+            # steps skip it (no weight decay on a layer that never trains)
+            if parameter.grad is None and parameter not in self.optimizer.state:
                 parameter.grad = torch.zeros_like(parameter)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)

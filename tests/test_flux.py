@@ -12,15 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fastnft.checkpoint import latest_checkpoint, load_checkpoint
 from fastnft.cli import main
 from fastnft.models.flux import image_ids, pack, unpack
-from fastnft.models.presets import BASIC_WORDS, seeded, word_tokenizer
+from fastnft.models.presets import BASIC_WORDS, FLUX_DEV_SCHEDULER, FLUX_VAE, seeded, word_tokenizer
 from fastnft.rng import keyed_randn
 from fastnft.run import train
 from fastnft.trainer import Trainer
-from tests.helpers import TINY_CONFIG, tiny_config
-from tests.test_checkpoint import TIMING_KEYS
+from tests.helpers import TINY_CONFIG, assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
 from tests.test_distributed import (
     assert_same_training_state,
     assert_weights_moved,
@@ -29,7 +27,6 @@ from tests.test_distributed import (
     torchrun,
     training_rows,
 )
-from tests.test_policy import assert_bitwise_equal, snapshot
 
 GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, and the adapter's
 
@@ -67,8 +64,8 @@ def tiny_flux_components(seed: int) -> dict[str, object]:
                 latent_channels=4,
                 norm_num_groups=4,
                 sample_size=32,
-                shift_factor=0.1159,
-                scaling_factor=0.3611,
+                shift_factor=FLUX_VAE["shift_factor"],
+                scaling_factor=FLUX_VAE["scaling_factor"],
                 use_quant_conv=False,
                 use_post_quant_conv=False,
             ),
@@ -100,15 +97,7 @@ def tiny_flux_components(seed: int) -> dict[str, object]:
             ),
             "tokenizer": clip_tokenizer,
             "tokenizer_2": word_tokenizer(BASIC_WORDS, 512),
-            "scheduler": FlowMatchEulerDiscreteScheduler(
-                num_train_timesteps=1000,
-                shift=3.0,
-                use_dynamic_shifting=True,
-                base_shift=0.5,
-                max_shift=1.15,
-                base_image_seq_len=256,
-                max_image_seq_len=4096,
-            ),
+            "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
         }
 
 
@@ -137,7 +126,7 @@ def test_the_directory_has_flux_dev_layout(flux_dir):
 
 def test_trains_through_model_path_and_resumes_bit_exactly(flux_dir, tmp_path):
     overrides = flux_overrides(flux_dir, "eval.every=0")
-    straight = train(tiny_config(overrides, iterations=2), tmp_path / "straight")
+    straight = assert_resume_is_bit_exact(overrides, tmp_path)
     assert type(straight.model).__name__ == "FluxAdapter" and straight.model.sample_shape == (4, 16, 16)
     assert "single_transformer_blocks.1.proj_out" in straight.model.default_lora_targets
     trained = straight.policies.trained_parameters()
@@ -145,20 +134,8 @@ def test_trains_through_model_path_and_resumes_bit_exactly(flux_dir, tmp_path):
     assert not any(name.startswith("proj_out") for name in trained)  # not the final output layer
     assert any(p.abs().max() > 0 for n, p in trained.items() if "lora_B" in n)  # the LoRA learnt
 
-    train(tiny_config(overrides, iterations=1), tmp_path / "split")
-    resume = ["train", "--resume", str(tmp_path / "split"), "--iterations", "2", "logging.progress=false"]
-    assert main(resume) == 0
-    resumed = Trainer(tiny_config(overrides), progress=False)
-    load_checkpoint(resumed.checkpoint_parts(), latest_checkpoint(tmp_path / "split"))
-    assert resumed.iteration == straight.iteration == 2
-    assert_bitwise_equal(snapshot(straight), snapshot(resumed))
-
-    def rows(run):
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
-
-    assert rows("straight") == rows("split") and len(rows("straight")) == 2
-    assert all(math.isfinite(row["loss"]) for row in rows("straight"))
+    rows = metrics_rows(tmp_path / "straight")
+    assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows)
 
 
 def test_exported_lora_reproduces_fastnft_sample_in_flux_pipeline(flux_dir, tmp_path):
@@ -240,15 +217,6 @@ def test_packing_and_positions_are_the_pipelines():
     assert torch.equal(image_ids(3, 4, torch.device("cpu")), expected_ids)
 
 
-def _train_fails(capsys, tmp_path, *overrides: str) -> str:
-    """The error line of a `fastnft train` that must stop with exit code 2."""
-    arguments = ["train", str(TINY_CONFIG), "--out", str(tmp_path / "run"), "logging.progress=false", *overrides]
-    assert main(arguments) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
-
-
 def _index_only(tmp_path, text: str):
     path = tmp_path / "model"
     path.mkdir()
@@ -264,7 +232,7 @@ def _index_only(tmp_path, text: str):
 )
 def test_an_unsupported_pipeline_class_is_one_line_naming_it(capsys, tmp_path, class_name, message):
     path = _index_only(tmp_path, json.dumps({"_class_name": class_name}))
-    line = _train_fails(capsys, tmp_path, *flux_overrides(path))
+    line = train_fails(capsys, tmp_path, *flux_overrides(path))
     assert line.startswith("fastnft: error: model.path: ") and message in line
     assert "supported: StableDiffusion3Pipeline (sd3), FluxPipeline (flux)" in line
 
@@ -278,7 +246,7 @@ def test_a_missing_or_broken_model_index_names_the_file(capsys, tmp_path, index,
     (path / "transformer").mkdir(parents=True)  # not empty (an empty directory is its own error)
     if index is not None:
         (path / "model_index.json").write_text(index)
-    line = _train_fails(capsys, tmp_path, *flux_overrides(path))
+    line = train_fails(capsys, tmp_path, *flux_overrides(path))
     assert f"model.path: {path / 'model_index.json'}" in line and message in line
 
 
@@ -286,7 +254,7 @@ def test_a_missing_component_is_named_before_anything_loads(capsys, tmp_path, fl
     path = tmp_path / "flux"
     shutil.copytree(flux_dir, path)
     shutil.rmtree(path / "text_encoder_2")
-    err_line = _train_fails(capsys, tmp_path, *flux_overrides(path))
+    err_line = train_fails(capsys, tmp_path, *flux_overrides(path))
     assert f"model.path: {path} has no text_encoder_2/ directory" in err_line
 
 
@@ -300,7 +268,7 @@ def test_a_missing_component_is_named_before_anything_loads(capsys, tmp_path, fl
     ],
 )
 def test_bad_flux_settings_name_their_field(capsys, tmp_path, flux_dir, override, message):
-    assert message in _train_fails(capsys, tmp_path, *flux_overrides(flux_dir), override)
+    assert message in train_fails(capsys, tmp_path, *flux_overrides(flux_dir), override)
 
 
 def test_the_guidance_input_is_a_config_field(flux_dir):

@@ -13,8 +13,7 @@ from fastnft.cli import main
 from fastnft.config import ConfigError
 from fastnft.run import train
 from fastnft.trainer import Trainer
-from tests.helpers import tiny_config
-from tests.test_policy import assert_bitwise_equal, snapshot
+from tests.helpers import assert_bitwise_equal, snapshot, tiny_config
 
 FULL = ["lora.enabled=false", "eval.every=0", "optim.lr=1e-3"]
 EIGHT_BIT = ["adamw8bit-bnb", "adamw8bit-torchao"]

@@ -7,34 +7,7 @@ from fastnft.config import ConfigError
 from fastnft.run import train
 from fastnft.schedules import ema_decay, old_policy_eta
 from fastnft.trainer import Trainer
-from tests.helpers import tiny_config
-
-
-def snapshot(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
-    """Copies of the weights of each policy and of the optimizer's state (8-bit states
-    dequantized, bitsandbytes' nested entries flattened)."""
-
-    def flatten(prefix: str, value) -> dict[str, torch.Tensor]:
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flatten(f"{prefix}.{key}", item).items()}
-        if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:  # torchao's 8-bit state
-            value = value.dequantize()
-        return {prefix: torch.as_tensor(value).float().clone()}
-
-    policies = trainer.policies
-    return {
-        "trained": {k: v.detach().clone() for k, v in policies.trained_parameters().items()},
-        "old": {k: v.detach().clone() for k, v in policies.old_parameters().items()},
-        "ema": {k: v.clone() for k, v in policies.ema.items()},
-        "optimizer": flatten("state", trainer.update.optimizer.state_dict()["state"]),
-    }
-
-
-def assert_bitwise_equal(first: dict, second: dict) -> None:
-    for group in first:
-        assert first[group].keys() == second[group].keys(), group
-        for name in first[group]:
-            assert torch.equal(first[group][name], second[group][name]), f"{group}/{name} differs"
+from tests.helpers import snapshot, tiny_config
 
 
 def velocities(trainer: Trainer, x: torch.Tensor, t: torch.Tensor, text) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fastnft.checkpoint import latest_checkpoint, load_checkpoint
 from fastnft.cli import main
 from fastnft.models import TextEmbedding
 from fastnft.models.flux import pack, unpack
@@ -22,9 +21,7 @@ from fastnft.models.presets import BASIC_WORDS, seeded
 from fastnft.rng import keyed_randn
 from fastnft.run import train
 from fastnft.trainer import Trainer
-from tests.helpers import TINY_CONFIG, tiny_config
-from tests.test_checkpoint import TIMING_KEYS
-from tests.test_policy import assert_bitwise_equal, snapshot
+from tests.helpers import assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
 
 # QwenImagePipeline's prompt template (its prompt_template_encode), from which it drops 34 tokens
 TEMPLATE = (
@@ -185,7 +182,7 @@ def test_text_embeddings_are_the_pipelines_and_pad_across_batches(qwen_dir):
 
 def test_trains_through_model_path_and_resumes_bit_exactly(qwen_dir, tmp_path):
     overrides = qwen_overrides(qwen_dir, "eval.every=0", "model.text_encoding=cached")
-    straight = train(tiny_config(overrides, iterations=2), tmp_path / "straight")
+    straight = assert_resume_is_bit_exact(overrides, tmp_path)
     assert type(straight.model).__name__ == "QwenImageAdapter" and straight.model.sample_shape == (4, 16, 16)
     trained = straight.policies.trained_parameters()
     for block in range(2):
@@ -195,20 +192,8 @@ def test_trains_through_model_path_and_resumes_bit_exactly(qwen_dir, tmp_path):
             assert adapted == (block == 0 or projection not in ("add_q_proj", "to_add_out")), (block, projection)
     assert all(p.abs().max() > 0 for n, p in trained.items() if "lora_B" in n)  # each adapted layer learnt
 
-    train(tiny_config(overrides, iterations=1), tmp_path / "split")
-    resume = ["train", "--resume", str(tmp_path / "split"), "--iterations", "2", "logging.progress=false"]
-    assert main(resume) == 0
-    resumed = Trainer(tiny_config(overrides), progress=False)
-    load_checkpoint(resumed.checkpoint_parts(), latest_checkpoint(tmp_path / "split"))
-    assert resumed.iteration == straight.iteration == 2
-    assert_bitwise_equal(snapshot(straight), snapshot(resumed))
-
-    def rows(run):
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
-
-    assert rows("straight") == rows("split") and len(rows("straight")) == 2
-    assert all(math.isfinite(row["loss"]) for row in rows("straight"))
+    rows = metrics_rows(tmp_path / "straight")
+    assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows)
 
 
 def test_full_fine_tuning_resumes_bit_exactly_though_some_layers_get_no_gradient(qwen_dir, tmp_path):
@@ -216,15 +201,9 @@ def test_full_fine_tuning_resumes_bit_exactly_though_some_layers_get_no_gradient
     discards: the loss never reaches them. They step with a zero gradient, so the checkpointed
     optimizer state covers them and a resume loads."""
     overrides = qwen_overrides(qwen_dir, "eval.every=0", "lora.enabled=false")
-    straight = train(tiny_config(overrides, iterations=2), tmp_path / "straight")
+    straight = assert_resume_is_bit_exact(overrides, tmp_path)
     optimizer = straight.update.optimizer
     assert all(p in optimizer.state for group in optimizer.param_groups for p in group["params"])
-    train(tiny_config(overrides, iterations=1), tmp_path / "split")
-    resume = ["train", "--resume", str(tmp_path / "split"), "--iterations", "2", "logging.progress=false"]
-    assert main(resume) == 0
-    resumed = Trainer(tiny_config(overrides), progress=False)
-    load_checkpoint(resumed.checkpoint_parts(), latest_checkpoint(tmp_path / "split"))
-    assert_bitwise_equal(snapshot(straight), snapshot(resumed))
 
 
 def test_text_embeddings_of_different_lengths_join_padded_and_masked():
@@ -377,21 +356,12 @@ def test_packing_and_latent_normalisation_are_the_pipelines(qwen_dir):
     torch.testing.assert_close(model.decode(latents), (decoded / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-5)
 
 
-def _train_fails(capsys, tmp_path, *overrides: str) -> str:
-    """The error line of a `fastnft train` that must stop with exit code 2."""
-    arguments = ["train", str(TINY_CONFIG), "--out", str(tmp_path / "run"), "logging.progress=false", *overrides]
-    assert main(arguments) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
-
-
 @pytest.mark.parametrize("component", ["text_encoder", "tokenizer", "vae"])
 def test_a_missing_component_is_named_before_anything_loads(capsys, tmp_path, qwen_dir, component):
     path = tmp_path / "qwen"
     shutil.copytree(qwen_dir, path)
     shutil.rmtree(path / component)
-    line = _train_fails(capsys, tmp_path, *qwen_overrides(path))
+    line = train_fails(capsys, tmp_path, *qwen_overrides(path))
     assert line.startswith("fastnft: error: ")
     assert f"model.path: {path} has no {component}/ directory (a Qwen-Image pipeline directory holds" in line
 
@@ -400,7 +370,7 @@ def test_an_index_alone_is_a_missing_component(capsys, tmp_path):
     path = tmp_path / "model"
     path.mkdir()
     (path / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
-    assert f"model.path: {path} has no transformer/ directory" in _train_fails(capsys, tmp_path, *qwen_overrides(path))
+    assert f"model.path: {path} has no transformer/ directory" in train_fails(capsys, tmp_path, *qwen_overrides(path))
 
 
 @pytest.mark.parametrize(
@@ -416,7 +386,7 @@ def test_an_index_alone_is_a_missing_component(capsys, tmp_path):
     ],
 )
 def test_bad_qwen_image_settings_name_their_field(capsys, tmp_path, qwen_dir, override, message):
-    assert message in _train_fails(capsys, tmp_path, *qwen_overrides(qwen_dir), override)
+    assert message in train_fails(capsys, tmp_path, *qwen_overrides(qwen_dir), override)
 
 
 def test_the_qwen_image_recipe_keeps_the_reference_nft_values(qwen_dir, tmp_path):

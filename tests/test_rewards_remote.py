@@ -23,7 +23,20 @@ from fastnft.rewards.remote import ServiceError, png_base64
 from tests.helpers import TINY_CONFIG
 
 
-class Stub:
+class LocalServer:
+    """An HTTP server on 127.0.0.1 (a free port) in a daemon thread."""
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Stub(LocalServer):
     """A scoring service whose behaviour a test sets: reply(payload) -> (status, body)."""
 
     def __init__(self, reply):
@@ -56,13 +69,7 @@ class Stub:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 @pytest.fixture
@@ -250,7 +257,7 @@ def test_credentials_come_from_the_environment_and_never_reach_the_run_directory
     assert SECRET not in captured.out + captured.err
 
 
-class Redirector:
+class Redirector(LocalServer):
     """A service that answers every POST with a redirect to `target`."""
 
     def __init__(self, code: int, target: str) -> None:
@@ -269,13 +276,7 @@ class Redirector:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])

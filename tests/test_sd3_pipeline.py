@@ -138,30 +138,25 @@ def test_exported_lora_reproduces_fastnft_sample_in_the_diffusers_pipeline(tmp_p
     pipeline.tokenizer_max_length = config.model.clip_max_length
     pipeline.load_lora_weights(run / "export")
     latents = keyed_randn(trainer.model.sample_shape, config.eval.seed, 0, [0], "eval_noise")
-    image = pipeline(
-        prompt="a red circle",
-        latents=latents,
-        guidance_scale=1.0,
-        num_inference_steps=4,
-        height=32,
-        width=32,
-        max_sequence_length=config.model.t5_max_length,
-        output_type="pt",
-    ).images[0]
+
+    def generate() -> torch.Tensor:
+        return pipeline(
+            prompt="a red circle",
+            latents=latents,
+            guidance_scale=1.0,
+            num_inference_steps=4,
+            height=32,
+            width=32,
+            max_sequence_length=config.model.t5_max_length,
+            output_type="pt",
+        ).images[0]
+
+    image = generate()
     expected = (image.permute(1, 2, 0).float().clamp(0, 1) * 255).round().numpy() / 255
     assert np.abs(sampled - expected).max() <= 1.5 / 255
 
     pipeline.unload_lora_weights()  # and the LoRA is what makes the difference
-    base = pipeline(
-        prompt="a red circle",
-        latents=latents,
-        guidance_scale=1.0,
-        num_inference_steps=4,
-        height=32,
-        width=32,
-        max_sequence_length=config.model.t5_max_length,
-        output_type="pt",
-    ).images[0]
+    base = generate()
     assert not torch.allclose(base, image, atol=1e-3)
 
 

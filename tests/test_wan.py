@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fastnft.checkpoint import latest_checkpoint, load_checkpoint
 from fastnft.cli import main
 from fastnft.models.presets import BASIC_WORDS, seeded, word_tokenizer
 from fastnft.rewards import WeightedRewards, build_reward
@@ -22,9 +21,7 @@ from fastnft.run import train
 from fastnft.sampling import timestep_grid
 from fastnft.trainer import Trainer, build_rewards
 from fastnft.visual import even_frames
-from tests.helpers import TINY_CONFIG, tiny_config
-from tests.test_checkpoint import TIMING_KEYS
-from tests.test_policy import assert_bitwise_equal, snapshot
+from tests.helpers import assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
 
 FRAMES = 9  # 3 latent frames through the VAE's 4x temporal stride
 SHIFT = 3.0  # the tiny directory scheduler's; Wan 2.1 ships flow_shift 3.0 for 480p
@@ -117,7 +114,7 @@ def test_the_directories_have_wans_layouts(wan_dir, wan22_dir):
 
 def test_trains_through_model_path_and_resumes_bit_exactly(wan_dir, tmp_path):
     overrides = wan_overrides(wan_dir, "eval.every=0")
-    straight = train(tiny_config(overrides, iterations=2), tmp_path / "straight")
+    straight = assert_resume_is_bit_exact(overrides, tmp_path)
     assert type(straight.model).__name__ == "WanAdapter" and straight.model.sample_shape == (4, 3, 8, 8)
     trained = straight.policies.trained_parameters()
     for name in ("attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v"):
@@ -125,20 +122,8 @@ def test_trains_through_model_path_and_resumes_bit_exactly(wan_dir, tmp_path):
     assert not any("ffn" in key for key in trained)
     assert any(p.abs().max() > 0 for n, p in trained.items() if "lora_B" in n)  # the LoRA learnt
 
-    train(tiny_config(overrides, iterations=1), tmp_path / "split")
-    resume = ["train", "--resume", str(tmp_path / "split"), "--iterations", "2", "logging.progress=false"]
-    assert main(resume) == 0
-    resumed = Trainer(tiny_config(overrides), progress=False)
-    load_checkpoint(resumed.checkpoint_parts(), latest_checkpoint(tmp_path / "split"))
-    assert resumed.iteration == straight.iteration == 2
-    assert_bitwise_equal(snapshot(straight), snapshot(resumed))
-
-    def rows(run):
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
-
-    assert rows("straight") == rows("split") and len(rows("straight")) == 2
-    assert all(math.isfinite(row["loss"]) for row in rows("straight"))
+    rows = metrics_rows(tmp_path / "straight")
+    assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows)
     grid = Image.open(tmp_path / "straight" / "samples" / "rollout_000002.png")  # 8 videos, a strip each
     assert grid.size[0] == 8 * 160 and grid.size[1] > 8 * 160
 
@@ -279,17 +264,6 @@ def test_a_video_reward_is_the_mean_of_the_image_reward_on_evenly_picked_frames(
     assert torch.allclose(every.score.double(), each.mean(0), atol=1e-6)
 
 
-def _train_fails(capsys, tmp_path, *overrides: str) -> str:
-    """The error line of a `fastnft train` that must stop with exit code 2."""
-    arguments = ["train", str(TINY_CONFIG), "--out", str(tmp_path / "run"), "logging.progress=false", *overrides]
-    assert main(arguments) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -301,12 +275,12 @@ def _train_fails(capsys, tmp_path, *overrides: str) -> str:
     ],
 )
 def test_bad_wan_settings_name_their_field(capsys, tmp_path, wan_dir, override, message):
-    line = _train_fails(capsys, tmp_path, *wan_overrides(wan_dir), override)
+    line = train_fails(capsys, tmp_path, *wan_overrides(wan_dir), override)
     assert line.startswith("fastnft: error: ") and message in line, line
 
 
 def test_the_wan22_vae_strides_name_their_own_numbers(capsys, tmp_path, wan22_dir):
-    line = _train_fails(capsys, tmp_path, *wan_overrides(wan22_dir), "model.resolution=40")
+    line = train_fails(capsys, tmp_path, *wan_overrides(wan22_dir), "model.resolution=40")
     assert "model.resolution: 40 is not a multiple of 16 (the VAE's 8x downsampling times the transformer's 2x2" in line
 
 
@@ -314,7 +288,7 @@ def test_a_missing_component_is_named_before_anything_loads(capsys, tmp_path, wa
     path = tmp_path / "wan"
     shutil.copytree(wan_dir, path)
     shutil.rmtree(path / "text_encoder")
-    line = _train_fails(capsys, tmp_path, *wan_overrides(path))
+    line = train_fails(capsys, tmp_path, *wan_overrides(path))
     assert f"model.path: {path} has no text_encoder/ directory (a Wan pipeline directory holds" in line
 
 
@@ -326,14 +300,14 @@ def test_two_experts_are_refused(capsys, tmp_path, wan_dir):
     index = json.loads((path / "model_index.json").read_text())
     index.update(boundary_ratio=0.875, transformer_2=["diffusers", "WanTransformer3DModel"])
     (path / "model_index.json").write_text(json.dumps(index))
-    line = _train_fails(capsys, tmp_path, *wan_overrides(path))
+    line = train_fails(capsys, tmp_path, *wan_overrides(path))
     assert "holds two experts (transformer_2, switched at boundary_ratio: Wan 2.2 A14B)" in line
 
 
 def test_an_image_family_takes_one_frame(capsys, tmp_path):
-    line = _train_fails(capsys, tmp_path, "model.frames=5")
+    line = train_fails(capsys, tmp_path, "model.frames=5")
     assert line == "fastnft: error: model.frames: this sd3 model makes images (1 frame); got 5"
-    line = _train_fails(capsys, tmp_path, "rewards=[{name: jpeg_incompressibility, frames: 2}]")
+    line = train_fails(capsys, tmp_path, "rewards=[{name: jpeg_incompressibility, frames: 2}]")
     assert "rewards[0].frames: 2 frames of images (this sd3 model's samples)" in line
 
 

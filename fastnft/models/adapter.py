@@ -156,10 +156,14 @@ class ModelAdapter(ABC):
         """The frozen modules that encode text (named text_encoder*, as diffusers pipelines do)."""
         return {name: module for name, module in self.frozen_modules().items() if name.startswith("text_encoder")}
 
-    @abstractmethod
     def save_lora(self, directory: Path, lora: dict[str, Tensor], metadata: dict) -> Path:
         """Writes a LoRA (peft names, adapter name stripped) the family's pipeline loads with
-        `load_lora_weights(directory)`; returns the file."""
+        `load_lora_weights(directory)`, through that pipeline class's own writer; returns the file.
+        A family without a diffusers pipeline overrides this."""
+        type(self.pipeline).save_lora_weights(
+            directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
+        )
+        return Path(directory) / "pytorch_lora_weights.safetensors"
 
     def velocity(self, transformer: nn.Module, x: Tensor, t: Tensor, text: TextEmbedding) -> Tensor:
         """v(x, t) of `transformer` (the trained, old or reference policy); t [B] in [0, 1].
@@ -184,3 +188,26 @@ class ModelAdapter(ABC):
         v = self.velocity(transformer, torch.cat([x, x]), torch.cat([t, t]), both).float()
         conditional, unconditional = v.chunk(2)
         return unconditional + scale * (conditional - unconditional)
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    """A decoder's [-1, 1] output as float images in [0, 1]."""
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def decode_scaled_latents(vae: nn.Module, samples: Tensor, channels_last: bool) -> Tensor:
+    """Latents normalised by the VAE's scaling and shift factors (SD3, FLUX) -> images in [0, 1]."""
+    config = vae.config
+    latents = samples.to(vae.dtype) / config.scaling_factor + config.shift_factor
+    if channels_last:
+        latents = latents.contiguous(memory_format=torch.channels_last)
+    return to_unit_range(vae.decode(latents, return_dict=False)[0])
+
+
+@torch.no_grad()
+def encode_scaled_latents(vae: nn.Module, images: Tensor) -> Tensor:
+    """Images in [0, 1] -> latents normalised by the VAE's scaling and shift factors."""
+    config = vae.config
+    latents = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mode()
+    return ((latents - config.shift_factor) * config.scaling_factor).float()

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError, ModelConfig
-from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, weight_dtype
+from fastnft.models.adapter import (
+    ModelAdapter,
+    ModelTraits,
+    TextEmbedding,
+    decode_scaled_latents,
+    encode_scaled_latents,
+    weight_dtype,
+)
 from fastnft.models.scheduler_grid import scheduler_grid
 from fastnft.models.sd3 import JOINT_ATTENTION_PROJECTIONS
 
@@ -236,28 +243,11 @@ class FluxAdapter(ModelAdapter):
         )[0]
         return unpack(tokens, height, width)
 
-    @torch.no_grad()
     def decode(self, samples: Tensor) -> Tensor:
-        config = self.vae.config
-        latents = samples.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
-        if self.channels_last:
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        images = self.vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_scaled_latents(self.vae, samples, self.channels_last)
 
-    @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        config = self.vae.config
-        latents = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mode()
-        return ((latents - config.shift_factor) * config.scaling_factor).float()
-
-    def save_lora(self, directory: Path, lora: dict[str, Tensor], metadata: dict) -> Path:
-        from diffusers import FluxPipeline
-
-        FluxPipeline.save_lora_weights(
-            directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
-        )
-        return Path(directory) / "pytorch_lora_weights.safetensors"
+        return encode_scaled_latents(self.vae, images)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         pipeline = self.pipeline

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError, ModelConfig
-from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, weight_dtype
+from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, to_unit_range, weight_dtype
 from fastnft.models.flux import PACK, component_paths, pack, unpack
 from fastnft.models.scheduler_grid import scheduler_grid
 from fastnft.models.sd3 import JOINT_ATTENTION_PROJECTIONS
@@ -218,22 +218,13 @@ class QwenImageAdapter(ModelAdapter):
         # the pipeline's arithmetic: divided by 1 / std in the VAE's dtype, then the mean added
         inverse_std = (1.0 / self.latents_std).to(dtype)
         latents = samples.unsqueeze(2).to(dtype) / inverse_std + self.latents_mean.to(dtype)
-        images = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(self.vae.decode(latents, return_dict=False)[0][:, :, 0])
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         pixels = (images * 2 - 1).unsqueeze(2).to(self.vae.dtype)  # one frame
         latents = self.vae.encode(pixels).latent_dist.mode().float()
         return ((latents - self.latents_mean) / self.latents_std)[:, :, 0]
-
-    def save_lora(self, directory: Path, lora: dict[str, Tensor], metadata: dict) -> Path:
-        from diffusers import QwenImagePipeline
-
-        QwenImagePipeline.save_lora_weights(
-            directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
-        )
-        return Path(directory) / "pytorch_lora_weights.safetensors"
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"vae": self.vae, "text_encoder": self.pipeline.text_encoder}

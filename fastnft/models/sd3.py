@@ -4,13 +4,11 @@ StableDiffusion3Pipeline.encode_prompt does (so exported LoRAs reproduce in the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError, ModelConfig
-from fastnft.models.adapter import ModelAdapter, TextEmbedding
+from fastnft.models.adapter import ModelAdapter, TextEmbedding, decode_scaled_latents, encode_scaled_latents
 from fastnft.models.presets import build_preset
 
 # The default LoRA targets of the SD3 family: its eight joint-attention projections.
@@ -119,28 +117,11 @@ class SD3Adapter(ModelAdapter):
         )
         return TextEmbedding(sequence, pooled)
 
-    @torch.no_grad()
     def decode(self, samples: Tensor) -> Tensor:
-        config = self.vae.config
-        latents = samples.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
-        if self.channels_last:
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        images = self.vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_scaled_latents(self.vae, samples, self.channels_last)
 
-    @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        config = self.vae.config
-        latents = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mode()
-        return ((latents - config.shift_factor) * config.scaling_factor).float()
-
-    def save_lora(self, directory: Path, lora: dict[str, Tensor], metadata: dict) -> Path:
-        from diffusers import StableDiffusion3Pipeline
-
-        StableDiffusion3Pipeline.save_lora_weights(
-            directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
-        )
-        return Path(directory) / "pytorch_lora_weights.safetensors"
+        return encode_scaled_latents(self.vae, images)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         modules = {name: getattr(self.pipeline, name) for name in COMPONENTS[1:]}

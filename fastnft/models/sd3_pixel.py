@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError, ModelConfig
-from fastnft.models.adapter import ModelAdapter, TextEmbedding
+from fastnft.models.adapter import ModelAdapter, TextEmbedding, to_unit_range
 from fastnft.models.presets import build_preset
 from fastnft.models.sd3 import JOINT_ATTENTION_PROJECTIONS
 
@@ -97,7 +97,7 @@ class SD3PixelAdapter(ModelAdapter):
 
     @torch.no_grad()
     def decode(self, samples: Tensor) -> Tensor:
-        return (samples.float() / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(samples)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:

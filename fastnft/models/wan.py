@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError, ModelConfig
-from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, weight_dtype
+from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, to_unit_range, weight_dtype
 from fastnft.models.flux import component_paths
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -258,7 +258,7 @@ class WanAdapter(ModelAdapter):
         for latents in samples.split(1):
             latents = latents.to(self.vae.dtype) / self.latents_inverse_std + self.latents_mean
             videos.append(self.vae.decode(latents, return_dict=False)[0].float())
-        return (torch.cat(videos) / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(torch.cat(videos))
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
@@ -266,14 +266,6 @@ class WanAdapter(ModelAdapter):
         videos = images[:, :, None] if images.ndim == 4 else images
         latents = self.vae.encode((videos * 2 - 1).to(self.vae.dtype)).latent_dist.mode()
         return ((latents - self.latents_mean) * self.latents_inverse_std).float()
-
-    def save_lora(self, directory: Path, lora: dict[str, Tensor], metadata: dict) -> Path:
-        from diffusers import WanPipeline
-
-        WanPipeline.save_lora_weights(
-            directory, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
-        )
-        return Path(directory) / "pytorch_lora_weights.safetensors"
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"vae": self.vae, "text_encoder": self.pipeline.text_encoder}
