@@ -1,11 +1,12 @@
-"""FLOPs of one DiffusionNFT iteration per image for the bench presets, counted on the CPU without
-allocating anything: each preset's transformer and VAE built on the meta device from its real
-config, one forward, one forward + backward with a frozen base (the input requires grad, so the
-backward computes dX only, as LoRA's does), one VAE decode, under torch's FlopCounterMode.
+"""FLOPs of one DiffusionNFT iteration per image (per video for a video preset) for the bench
+presets, counted on the CPU without allocating anything: each preset's transformer and VAE built
+on the meta device from its real config, one forward, one forward + backward with a frozen base
+(the input requires grad, so the backward computes dX only, as LoRA's does), one VAE decode, under
+torch's FlopCounterMode.
 
-    python benchmarks/count_flops.py [--presets sd35m,flux-dev-512,flux-dev]
+    python benchmarks/count_flops.py [--presets sd35m,flux-dev-512,flux-dev,qwen-image,...]
 
-Per image: rollout = steps x forward; training = int(0.99 steps) x (old forward + reference
+Per sample: rollout = steps x forward; training = int(0.99 steps) x (old forward + reference
 forward + trained forward and backward), the reference recipe's; text encoders and rewards aside.
 Prints a markdown table (docs/performance.md holds its output).
 """
@@ -21,6 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastnft.bench.switches import preset_path
 from fastnft.config import load_config
 from fastnft.models import build_model
+
+PRESETS = ("sd35m", "flux-dev-512", "flux-dev", "qwen-image", "wan2.1-1.3b", "wan2.1-14b")
 
 
 def counted(fn) -> float:
@@ -60,7 +63,7 @@ def preset_flops(preset: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default="sd35m,flux-dev-512,flux-dev")
+    parser.add_argument("--presets", default=",".join(PRESETS))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print("| preset | forward | LoRA fwd + bwd | VAE decode | rollout (10 steps) | training (9 times) | iteration |")

@@ -105,6 +105,10 @@ class ModelConfig:
     text_encoding: Literal["per_image", "per_prompt", "cached"] = "per_prompt"  # per_image: the reference code's
     offload_text_encoders: bool = False  # with text_encoding cached: text encoders leave the GPU after caching
     vae_channels_last: bool = False  # the VAE in channels_last memory format
+    # the frozen transformer's weights under LoRA: nf4 (bitsandbytes 4-bit, QLoRA-style), int8 or fp8
+    # weight-only (torchao; fp8 needs a GPU); quantize_text: the text encoders likewise
+    quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
+    quantize_text: Literal["none", "nf4", "int8", "fp8"] = "none"
 
 
 @dataclass
@@ -140,6 +144,9 @@ class RolloutConfig:
 class NFTConfig:
     beta: PositiveFloat = 1.0
     kl_coef: NonNegativeFloat = 1e-4
+    # adaptive KL (fastnft's addition, docs/algorithm.md): after each iteration kl_coef is scaled to hold the
+    # mean KL term near this budget; None: kl_coef stays fixed (the reference's behaviour)
+    kl_target: PositiveFloat | None = None
     adv_clip_max: PositiveFloat = 5.0
     loss_space: Literal["x0", "velocity"] = "x0"  # x0: the reference code's; velocity: the paper's
     eps: PositiveFloat = 1e-5
@@ -177,6 +184,10 @@ class OptimConfig:
     eps: PositiveFloat = 1e-8
     grad_clip: NonNegativeFloat = 1.0  # 0: no clipping
     steps_per_iteration: Positive = 1
+    # the learning rate over the run (fastnft's addition): constant (the reference's), or cosine from lr
+    # at the first iteration down to lr_final_fraction * lr at the run's last iteration
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_final_fraction: Annotated[float, Range(0, 1)] = 0.1
     bf16_stochastic_round: bool = False  # full fine-tuning: bf16 trained weights, updates rounded stochastically
     fused: bool = False  # torch AdamW's fused implementation (adamw only)
     # optimizer steps in a row with a non-finite loss or grad norm (each one skipped) that stop the run
@@ -533,6 +544,11 @@ def validate(config: Config, base: Path) -> None:
             _require(path.is_file(), name, f"no such file {path}")
             _check_prompt_file(path, name)
     _require(
+        config.nft.kl_target is None or config.nft.kl_coef > 0,
+        "nft.kl_target",
+        "needs nft.kl_coef > 0 (the coefficient it starts from and adapts)",
+    )
+    _require(
         config.optim.name != "adamw8bit-bnb" or config.dist.strategy != "fsdp2",
         "optim.name",
         "bitsandbytes' 8-bit AdamW rejects FSDP2-sharded (DTensor) parameters: use adamw8bit-torchao",
@@ -572,3 +588,45 @@ def validate(config: Config, base: Path) -> None:
         "optim.bf16_stochastic_round",
         "trains bf16 weights, which full fine-tuning has (lora.enabled: false); LoRA adapters train in fp32",
     )
+    _check_quantization(config)
+
+
+# why each method's weights cannot be sharded by FSDP2's fully_shard (checked on 2 gloo ranks)
+FSDP2_REFUSALS = {
+    "nf4": "bitsandbytes' 4-bit weights do not survive FSDP2 sharding",
+    "int8": "torchao's int8 weight tensors do not survive FSDP2 sharding (no aten.split)",
+    "fp8": "torchao's float8 weight tensors do not survive FSDP2 sharding (no aten.new_zeros)",
+}
+
+
+def _check_quantization(config: Config) -> None:
+    """model.quantize and model.quantize_text: a frozen base under LoRA, replicated (not FSDP2),
+    with its package installed, fp8 on a GPU only."""
+    import importlib.util
+
+    import torch
+
+    from fastnft.quantize import PACKAGES
+
+    method = config.model.quantize
+    if method != "none":
+        _require(
+            config.lora.enabled,
+            "model.quantize",
+            f"{method} quantization needs LoRA (lora.enabled: true): full fine-tuning trains the weights",
+        )
+        _require(
+            config.dist.strategy != "fsdp2",
+            "model.quantize",
+            f"{method} with dist.strategy fsdp2: {FSDP2_REFUSALS[method]}; use dist.strategy ddp",
+        )
+    for name, chosen in (("model.quantize", method), ("model.quantize_text", config.model.quantize_text)):
+        if chosen == "none":
+            continue
+        package = PACKAGES[chosen]
+        _require(importlib.util.find_spec(package) is not None, name, f"{chosen} needs {package}, not installed")
+        _require(
+            chosen != "fp8" or (config.device != "cpu" and torch.cuda.is_available()),
+            name,
+            "fp8 (torchao float8 weight-only) needs a CUDA device; use nf4 or int8 on a CPU",
+        )

@@ -192,4 +192,7 @@ def full_state_dict(module: nn.Module, world: World) -> dict[str, Tensor]:
         return {key: value.detach().cpu() for key, value in module.state_dict().items()} if world.is_main else {}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a parameter sharded over more ranks than its first dimension has rows (Wan's [1, 2, D]
+    # scale_shift_table) comes back as a view into the padded gather buffer, which safetensors refuses
+    return {key: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for key, v in state.items()}

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from fastnft.config import Config, LoraConfig
 from fastnft.distributed import shard_fsdp2, wrap_ddp
 from fastnft.models.adapter import repeated_blocks
+from fastnft.quantize import keep_quantized_weights_out_of_ddp
 from fastnft.schedules import soft_update
 
 ROLES = ("trained", "old", "ref")
@@ -123,6 +124,9 @@ class LoraPolicies(Policies):
             )
             with warnings.catch_warnings():  # two adapters on one model are the design
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                # a torchao-quantized base (model.quantize int8, fp8): peft could merge only with
+                # transformers' quantizer at hand; fastnft never merges into the frozen base
+                warnings.filterwarnings("ignore", message=".*instantiated without `get_apply_tensor_subclass`")
                 try:
                     transformer.add_adapter(peft_config, adapter_name=adapter)
                 except ValueError as error:  # peft's refusal: no layer matched, or one it cannot adapt
@@ -168,6 +172,7 @@ class LoraPolicies(Policies):
         stay shard-local."""
         self._activate("trained")
         if strategy == "ddp":
+            keep_quantized_weights_out_of_ddp(self.transformer)  # a model.quantize base
             self.grad_module = wrap_ddp(self.transformer, device)
             return
         shard_fsdp2(self.transformer, repeated_blocks(self.transformer), compute_dtype)

@@ -1,4 +1,5 @@
-"""Old-policy soft update and EMA (docs/algorithm.md, section 6).
+"""Old-policy soft update and EMA (docs/algorithm.md, section 6), and fastnft's additions for long
+runs (section 8): the adaptive KL coefficient and the cosine learning rate.
 
 `step` counts optimizer steps INCLUDING the current iteration's: after the first iteration
 step = 1, so eta = 0.001 (schedule 1) and the EMA decay is min(2 / 11, 0.9). Order after each
@@ -7,6 +8,7 @@ iteration's optimizer step(s): EMA step, then old-policy update theta_old <- eta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -23,6 +25,31 @@ def old_policy_eta(schedule: int, step: int, rate: float = 0.001, maximum: float
     if schedule == 2:
         return 0.0 if step < 75 else min(0.0075 * (step - 75), 0.999)
     raise ValueError(f"old_policy.schedule must be 0, 1 or 2, got {schedule}")
+
+
+# The adaptive KL controller: the relative error of the measured KL against its budget, clipped to
+# +-KL_ERROR_CLIP, moves the coefficient by KL_GAIN times that error per iteration (at most 10 %).
+KL_ERROR_CLIP = 0.2
+KL_GAIN = 0.5
+
+
+def adapted_kl_coef(coef: float, kl: float, target: float) -> float:
+    """The next iteration's KL coefficient: up when the iteration's mean KL term exceeded the
+    target, down when it stayed below (the proportional controller of Ziegler et al., 2019, per
+    iteration). A non-finite kl (a skipped iteration) leaves it as it is."""
+    if not math.isfinite(kl):
+        return coef
+    error = min(max(kl / target - 1, -KL_ERROR_CLIP), KL_ERROR_CLIP)
+    return coef * (1 + KL_GAIN * error)
+
+
+def lr_factor(schedule: str, iteration: int, iterations: int, final_fraction: float) -> float:
+    """The learning rate of 0-based `iteration` as a fraction of optim.lr: 1 throughout (constant),
+    or a half cosine from 1 at the first iteration to final_fraction at the last."""
+    if schedule == "constant" or iterations <= 1:
+        return 1.0
+    progress = min(iteration / (iterations - 1), 1.0)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def ema_decay(step: int, max_decay: float = 0.9) -> float:

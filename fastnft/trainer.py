@@ -28,6 +28,7 @@ from fastnft.models.presets import seeded
 from fastnft.optimizers import build_optimizer
 from fastnft.policy import Policies, build_policies, frozen_weight_dtype
 from fastnft.prompts import PromptSet
+from fastnft.quantize import quantize_frozen_base
 from fastnft.rewards import WeightedRewards
 from fastnft.rollout import KeyedSampler, Rollout, Scorer
 from fastnft.schedules import old_policy_eta
@@ -39,12 +40,14 @@ from fastnft.velocity import Velocity, autocast_dtype
 def build_policy_model(
     config: Config, world: World, device: torch.device
 ) -> tuple[ModelAdapter, Policies, SpeedReport]:
-    """The model with its frozen modules frozen, the attention switch and gradient checkpointing
-    applied, and the policies on it (distributed over the process group)."""
+    """The model with its frozen modules frozen (and quantized: model.quantize, quantize_text), the
+    attention switch and gradient checkpointing applied, and the policies on it (distributed over
+    the process group)."""
     check_model_rules(config)
     model = build_model(config.model, config.seed, device, frozen_weight_dtype(config))
     for module in model.frozen_modules().values():
         module.requires_grad_(False).eval()
+    quantize_frozen_base(model.transformer, model.text_encoders(), config.model, frozen_weight_dtype(config))
     speed = SpeedReport(attention=apply_attention(model.transformer, config.model.attention))
     if config.model.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()

@@ -31,7 +31,7 @@ from fastnft.optimizers import from_quantized_parts, quantized_parts
 from fastnft.policy import Policies
 from fastnft.rng import generator, keyed_randn
 from fastnft.rollout import progress_bar
-from fastnft.schedules import ema_decay
+from fastnft.schedules import adapted_kl_coef, ema_decay, lr_factor
 from fastnft.velocity import Velocity
 from fastnft_kernels import NFTLossOutput, nft_loss, nft_loss_torch
 
@@ -74,6 +74,7 @@ class NFTUpdate:
         self.device = device
         self.progress = progress
         self.steps = 0  # optimizer steps so far
+        self.kl_coef = config.nft.kl_coef  # adapted after each iteration when nft.kl_target is set
         # Skipped steps in a row, across iterations; not checkpointed: a resume starts at 0.
         self.skipped_in_a_row = 0
 
@@ -81,11 +82,17 @@ class NFTUpdate:
         self, x0: Tensor, text: TextEmbedding, probability: Tensor, iteration: int, indices: list[int]
     ) -> dict[str, float | None]:
         """Trains on this rank's clean samples x0 (global image indices `indices`, optimality
-        probabilities `probability`): optim.steps_per_iteration optimizer steps. Returns the
-        mean of each pair metric over the pairs and ranks and the mean pre-clip grad norm, both
-        over the steps taken (NaN when every step was skipped), and the number skipped."""
+        probabilities `probability`): optim.steps_per_iteration optimizer steps at this
+        iteration's learning rate. Returns the mean of each pair metric over the pairs and ranks
+        and the mean pre-clip grad norm, both over the steps taken (NaN when every step was
+        skipped), the number skipped, the learning rate and the KL coefficient used; then adapts
+        the coefficient for the next iteration (nft.kl_target)."""
         config = self.config
         nft = config.nft
+        optim = config.optim
+        lr = optim.lr * lr_factor(optim.lr_schedule, iteration, config.iterations, optim.lr_final_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         steps = config.rollout.steps
         trained_times = int(nft.timestep_fraction * steps)
         subsets = torch.stack(
@@ -132,8 +139,13 @@ class NFTUpdate:
         metrics: dict[str, float | None] = dict(zip(PAIR_METRICS, means.tolist(), strict=True))
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         metrics["skipped_steps"] = config.optim.steps_per_iteration - len(grad_norms)
+        metrics["lr"] = lr
         if nft.kl_coef == 0:
             metrics["kl"] = None
+        else:
+            metrics["kl_coef"] = self.kl_coef
+            if nft.kl_target is not None:
+                self.kl_coef = adapted_kl_coef(self.kl_coef, metrics["kl"], nft.kl_target)
         return metrics
 
     def _count_skip(self, iteration: int) -> None:
@@ -170,7 +182,7 @@ class NFTUpdate:
         options: dict[str, Any] = {
             "beta": nft.beta,
             "v_ref": v_ref,
-            "kl_coef": nft.kl_coef,
+            "kl_coef": self.kl_coef,
             "adv_clip_max": nft.adv_clip_max,
             "loss_space": nft.loss_space,
             "eps": nft.eps,
@@ -229,7 +241,7 @@ class NFTUpdate:
             name: {key: quantized_parts(value) for key, value in per_parameter.items()}
             for name, per_parameter in optimizer["state"].items()
         }
-        state = {"optimizer": optimizer, "steps": self.steps}
+        state = {"optimizer": optimizer, "steps": self.steps, "kl_coef": self.kl_coef}
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
         return state
@@ -247,3 +259,4 @@ class NFTUpdate:
         if self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.steps = int(state["steps"])
+        self.kl_coef = float(state["kl_coef"])

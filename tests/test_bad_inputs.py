@@ -108,6 +108,19 @@ CASES: dict[str, Case] = {
     "lora.target_modules: no match": Case(overwrite("lora.target_modules=[nonesuch]"), "lora.target_modules: ["),
     "lora.target_modules: unsupported": Case(overwrite("lora.target_modules=[norm]"), "lora.target_modules: ["),
     "lora.rank: zero": Case(overwrite("lora.rank=0"), "lora.rank: must be > 0"),
+    # ---------------------------------------------------------------- quantized base (tests/test_quantize.py)
+    "quantize: full fine-tuning": Case(
+        overwrite("model.quantize=int8", "lora.enabled=false"), "model.quantize: int8 quantization needs LoRA"
+    ),
+    "quantize: nf4 under fsdp2": Case(
+        overwrite("model.quantize=nf4", "dist.strategy=fsdp2"), "model.quantize: nf4 with dist.strategy fsdp2"
+    ),
+    "quantize: int8 under fsdp2": Case(
+        overwrite("model.quantize=int8", "dist.strategy=fsdp2"), "model.quantize: int8 with dist.strategy fsdp2"
+    ),
+    "quantize: unknown method": Case(overwrite("model.quantize=int4"), "model.quantize: must be one of"),
+    "quantize: fp8 on a CPU": Case(overwrite("model.quantize=fp8", "device=cpu"), "model.quantize: fp8 (torchao"),
+    "quantize_text: fp8 on a CPU": Case(overwrite("model.quantize_text=fp8", "device=cpu"), "model.quantize_text: fp8"),
     # ---------------------------------------------------------------- model files
     "init_lora: a text file": Case(overwrite("model.init_lora={files}/lora.txt"), "model.init_lora: {files}/lora.txt"),
     "init_lora: empty": Case(overwrite("model.init_lora={files}/empty.safetensors"), "shorter than a header"),

@@ -21,7 +21,15 @@ from fastnft.models.presets import BASIC_WORDS, seeded
 from fastnft.rng import keyed_randn
 from fastnft.run import train
 from fastnft.trainer import Trainer
-from tests.helpers import assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
+from tests.helpers import TINY_CONFIG, assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
+from tests.test_distributed import (
+    assert_same_training_state,
+    assert_weights_moved,
+    checkpoint,
+    one_thread,  # noqa: F401 (a fixture, used by name)
+    torchrun,
+    training_rows,
+)
 
 # QwenImagePipeline's prompt template (its prompt_template_encode), from which it drops 34 tokens
 TEMPLATE = (
@@ -405,3 +413,20 @@ def test_the_qwen_image_recipe_keeps_the_reference_nft_values(qwen_dir, tmp_path
     assert {**qwen["lora"], "target_modules": []} == {**sd35m["lora"], "target_modules": []}
     assert qwen["lora"]["target_modules"] == []  # the family's default (QwenImageAdapter.default_lora_targets)
     assert (qwen["model"]["kind"], qwen["model"]["t5_max_length"]) == ("qwen-image", 512)
+
+
+@pytest.mark.usefixtures("one_thread")  # as each torchrun rank runs
+def test_fsdp2_full_fine_tuning_of_qwen_image_matches_one_rank(qwen_dir, tmp_path):
+    """Qwen-Image's blocks sharded with FSDP2 (adapter.repeated_blocks) on 2 processes train the
+    weights one unsharded process trains, the last block's text-only layers (no gradient) included."""
+    arguments = [str(TINY_CONFIG), *qwen_overrides(qwen_dir), "logging.progress=false", "logging.tensorboard=false"]
+    arguments += ["lora.enabled=false", "dist.strategy=fsdp2", "eval.every=0"]
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    torchrun([*arguments, "--out", str(sharded)])
+    assert json.loads((sharded / "run.json").read_text())["processes"] == 2
+    assert main(["train", *arguments, "--out", str(single)]) == 0
+    end = checkpoint(sharded, 2, tmp_path)
+    assert_same_training_state(end, checkpoint(single, 2, tmp_path))
+    assert_weights_moved(checkpoint(sharded, 1, tmp_path), end)
+    assert "transformer_blocks.1.attn.to_add_out.weight" in end["policies"]["trained"]
+    assert training_rows(sharded)[-1]["loss"] == pytest.approx(training_rows(single)[-1]["loss"], rel=1e-4)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastnft.schedules import ema_decay, old_policy_eta, soft_update
+from fastnft.schedules import adapted_kl_coef, ema_decay, lr_factor, old_policy_eta, soft_update
 
 
 def test_schedule_one():
@@ -39,3 +39,22 @@ def test_soft_update_is_a_lerp():
     assert torch.allclose(target, torch.tensor([0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * -2]))
     with pytest.raises(ValueError, match="targets"):
         soft_update([target], [], 0.5)
+
+
+def test_the_adaptive_kl_coefficient_moves_towards_its_budget():
+    # above the budget by more than the clip: up by gain x clip = 10 %; below: down; at it: unchanged
+    assert adapted_kl_coef(0.1, kl=5.0, target=1.0) == pytest.approx(0.1 * (1 + 0.5 * 0.2))
+    assert adapted_kl_coef(0.1, kl=0.0, target=1.0) == pytest.approx(0.1 * (1 - 0.5 * 0.2))
+    assert adapted_kl_coef(0.1, kl=1.1, target=1.0) == pytest.approx(0.1 * 1.05)
+    assert adapted_kl_coef(0.1, kl=1.0, target=1.0) == 0.1
+    assert adapted_kl_coef(0.1, kl=float("nan"), target=1.0) == 0.1  # every step skipped: no evidence
+
+
+def test_cosine_learning_rate_from_one_to_its_final_fraction():
+    assert lr_factor("constant", 7, 10, 0.1) == 1.0
+    assert lr_factor("cosine", 0, 11, 0.1) == 1.0
+    assert lr_factor("cosine", 5, 11, 0.1) == pytest.approx(0.55)  # halfway: the mean of both ends
+    assert lr_factor("cosine", 10, 11, 0.1) == pytest.approx(0.1)
+    assert lr_factor("cosine", 14, 11, 0.1) == pytest.approx(0.1)  # a run extended past its plan stays there
+    factors = [lr_factor("cosine", i, 11, 0.0) for i in range(11)]
+    assert all(a > b for a, b in zip(factors, factors[1:], strict=False))

@@ -1,12 +1,14 @@
 """The NFT update: its loss is the kernel package's, it runs the forwards it must and no more,
 and it reads no device scalar per (micro-batch, timestep) pair."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastnft.schedules import adapted_kl_coef
 from fastnft.trainer import Trainer
 from fastnft_kernels import nft_loss
-from tests.helpers import tiny_config
+from tests.helpers import assert_resume_is_bit_exact, metrics_rows, tiny_config
 from tests.test_policy import velocities
 
 
@@ -116,3 +118,17 @@ def test_the_update_reads_no_device_scalar_per_pair():
     many, many_pairs = scalar_reads_of_one_update(["nft.micro_batch_size=2", "optim.steps_per_iteration=2"])
     assert many_pairs == 4 * few_pairs
     assert many == few
+
+
+def test_adaptive_kl_and_cosine_lr_follow_their_schedules_and_resume_exactly(tmp_path):
+    target = 1e-9
+    overrides = ["eval.every=0", "nft.kl_coef=0.1", f"nft.kl_target={target}", "optim.lr_schedule=cosine"]
+    straight = assert_resume_is_bit_exact([*overrides, "optim.lr_final_fraction=0.5"], tmp_path)
+    first, second = metrics_rows(tmp_path / "straight")
+    lr = tiny_config().optim.lr
+    assert (first["lr"], second["lr"]) == (pytest.approx(lr), pytest.approx(0.5 * lr))
+    # the first step's pairs all see trained == reference (KL 0, under budget): down 10 %; then the
+    # trained policy has moved past the budget: up again
+    assert first["kl_coef"] == 0.1 and first["kl"] == 0 and second["kl"] > target
+    assert second["kl_coef"] == pytest.approx(0.09)
+    assert straight.update.kl_coef == pytest.approx(adapted_kl_coef(0.09, second["kl"], target)) == pytest.approx(0.099)

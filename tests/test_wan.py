@@ -15,13 +15,22 @@ from PIL import Image
 
 from fastnft.cli import main
 from fastnft.models.presets import BASIC_WORDS, seeded, word_tokenizer
+from fastnft.models.wan import input_dtype
 from fastnft.rewards import WeightedRewards, build_reward
 from fastnft.rng import keyed_randn
 from fastnft.run import train
 from fastnft.sampling import timestep_grid
 from fastnft.trainer import Trainer, build_rewards
 from fastnft.visual import even_frames
-from tests.helpers import assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
+from tests.helpers import TINY_CONFIG, assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
+from tests.test_distributed import (
+    assert_same_training_state,
+    assert_weights_moved,
+    checkpoint,
+    one_thread,  # noqa: F401 (a fixture, used by name)
+    torchrun,
+    training_rows,
+)
 
 FRAMES = 9  # 3 latent frames through the VAE's 4x temporal stride
 SHIFT = 3.0  # the tiny directory scheduler's; Wan 2.1 ships flow_shift 3.0 for 480p
@@ -236,6 +245,20 @@ def test_the_text_encoding_is_the_pipelines(wan_dir):
     assert (text.sequence[0, 5:] == 0).all() and (text.sequence[0, :5] != 0).any(dim=-1).all()  # <bos> 3 <eos>
 
 
+def test_bf16_weights_take_bf16_inputs_though_diffusers_keeps_some_in_float32(wan_dir):
+    """model.precision bf16 (the recipe's): from_pretrained keeps Wan's modulation tables, time
+    embedding and norms in float32, the first parameter among them; the inputs take the patch
+    embedding's dtype, so the velocity runs (a float32 input would meet bf16 convolution weights)."""
+    model = Trainer(tiny_config(wan_overrides(wan_dir, "model.precision=bf16")), progress=False).model
+    transformer = model.transformer
+    assert next(transformer.parameters()).dtype == torch.float32  # scale_shift_table
+    assert transformer.patch_embedding.weight.dtype == torch.bfloat16 == input_dtype(transformer)
+    x = torch.randn(2, *model.sample_shape)
+    with torch.no_grad():
+        velocity = model.velocity(transformer, x, torch.tensor([0.3, 0.8]), model.encode_text(["a cat", "a dog"]))
+    assert velocity.shape == x.shape and velocity.dtype == torch.bfloat16 and velocity.isfinite().all()
+
+
 def test_even_frames():
     assert even_frames(9, 2) == [0, 8]
     assert even_frames(9, 3) == [0, 4, 8]
@@ -330,3 +353,20 @@ def test_the_wan_recipe_keeps_the_reference_nft_values(wan_dir, tmp_path):
     assert wan["lora"]["target_modules"] == []  # the family's default (attn1 and attn2 projections)
     assert (wan["model"]["kind"], wan["model"]["t5_max_length"]) == ("wan", 512)
     assert wan["rewards"][0]["name"] == "pickscore" and wan["rewards"][0]["frames"] is not None
+
+
+@pytest.mark.usefixtures("one_thread")  # as each torchrun rank runs
+def test_fsdp2_full_fine_tuning_of_wan_matches_one_rank(wan_dir, tmp_path):
+    """Wan's blocks sharded with FSDP2 (adapter.repeated_blocks) on 2 processes train the weights
+    one unsharded process trains."""
+    arguments = [str(TINY_CONFIG), *wan_overrides(wan_dir), "logging.progress=false", "logging.tensorboard=false"]
+    arguments += ["lora.enabled=false", "dist.strategy=fsdp2", "eval.every=0"]
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    torchrun([*arguments, "--out", str(sharded)])
+    assert json.loads((sharded / "run.json").read_text())["processes"] == 2
+    assert main(["train", *arguments, "--out", str(single)]) == 0
+    end = checkpoint(sharded, 2, tmp_path)
+    assert_same_training_state(end, checkpoint(single, 2, tmp_path))
+    assert_weights_moved(checkpoint(sharded, 1, tmp_path), end)
+    assert any(name.startswith("blocks.1.ffn.") for name in end["policies"]["trained"])  # full fine-tuning
+    assert training_rows(sharded)[-1]["loss"] == pytest.approx(training_rows(single)[-1]["loss"], rel=1e-4)

@@ -37,7 +37,14 @@ from fastnft_kernels.benchmarking import append_rows
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fastnft bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", help="configs/NAME.yaml (package data): tiny, sd35m, sd35m-1024")
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        help=(
+            "configs/NAME.yaml (package data): tiny, sd35m, sd35m-1024, flux-dev, flux-dev-512, qwen-image, "
+            "wan2.1-1.3b, wan2.1-14b"
+        ),
+    )
     parser.add_argument("--out", type=Path, help="output directory (default runs/bench-PRESET)")
     parser.add_argument("--ledger", type=Path, help="append ledger rows to this CSV")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))

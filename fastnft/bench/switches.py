@@ -83,9 +83,13 @@ def bench_config(
 
 
 def frozen_weight_dtype(trainer: Trainer) -> str:
-    """The dtype of the weights the no-grad policies run with (LoRA: the base; full: the old copy)."""
+    """The dtype of the weights the no-grad policies run with (LoRA: the base; full: the old copy):
+    the first weight that is neither a LoRA factor nor one of those a diffusers class keeps in
+    float32 whatever the precision (its _keep_in_fp32_modules: Wan's modulation tables and norms)."""
+    transformer = trainer.model.transformer
+    keep = set(getattr(getattr(transformer, "module", transformer), "_keep_in_fp32_modules", None) or ())
     with trainer.policies.role("old") as old:
-        weight = next(p for n, p in old.named_parameters() if ".lora_" not in n)
+        weight = next(p for n, p in old.named_parameters() if ".lora_" not in n and not keep & set(n.split(".")))
     return str(weight.dtype).removeprefix("torch.")
 
 

@@ -34,7 +34,14 @@ FAMILIES = {
     "wan": Family("fastnft.models.wan:WanAdapter", "WanPipeline"),
 }
 PLANNED: dict[str, str] = {}  # pipeline class -> kind: named in errors, not implemented
-PRESET_KINDS = {"tiny-sd3": "sd3", "sd35m": "sd3", "flux-dev": "flux"}  # the family of each preset in presets.PRESETS
+PRESET_KINDS = {  # the family of each preset in presets.PRESETS
+    "tiny-sd3": "sd3",
+    "sd35m": "sd3",
+    "flux-dev": "flux",
+    "qwen-image": "qwen-image",
+    "wan2.1-1.3b": "wan",
+    "wan2.1-14b": "wan",
+}
 INDEX = "model_index.json"
 
 

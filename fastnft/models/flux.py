@@ -110,13 +110,13 @@ def _load_component(name: str, path: Path, weight_dtype: torch.dtype):
 
 def load_flux_pipeline(config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype):
     """A FluxPipeline from model.path, components replaced by model.component_paths; or a
-    preset's random-init components, built on the device."""
+    preset's random-init components, built on the device (the transformer in weight_dtype)."""
     from diffusers import FluxPipeline
 
     if config.preset is not None:  # a bench preset: random weights, no text encoders
         from fastnft.models.presets import build_preset
 
-        components = build_preset(config.preset, seed, device)
+        components = build_preset(config.preset, seed, device, weight_dtype)
         encoders = dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
         return FluxPipeline(**components, **encoders).to(dtype=weight_dtype)
     component_paths(config)  # every component is there before anything loads

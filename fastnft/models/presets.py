@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from fastnft.config import ConfigError
@@ -50,11 +51,39 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def tiny_sd3_components(seed: int) -> dict[str, object]:
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside are created in `dtype`. Buffers the diffusers models create with an
+    explicit dtype (RoPE frequencies) keep it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_transformer(cls: type[nn.Module], config: dict, dtype: torch.dtype) -> nn.Module:
+    """cls(**config) created in `dtype` (a 20 B transformer built in bf16 never holds its 80 GB
+    float32 copy), with the parameters a diffusers class keeps in float32 when from_pretrained
+    loads it in another dtype (its _keep_in_fp32_modules, matched against the parts of each name
+    as diffusers' loader matches them: Wan's time embedding, norms and modulation tables) in
+    float32, as loaded models have them."""
+    with default_dtype(dtype):
+        model = cls(**config)
+    keep = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
+    for name, parameter in model.named_parameters():
+        if keep & set(name.split(".")):
+            parameter.data = parameter.data.float()
+    return model
+
+
+def tiny_sd3_components(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, object]:
     """SD3.5-Medium's layout in miniature: MMDiT-X with a dual-attention block and QK RMS-norm,
     a 2x VAE with shift and scaling factors, CLIP-L, CLIP-G and T5 with their tokenizers. Sized so
     that an iteration's FLOP shares (text, rollout, decode + reward, training) stay within 2x of
-    SD3.5-Medium's (`fastnft bench --preset tiny` reports them; a test checks)."""
+    SD3.5-Medium's (`fastnft bench --preset tiny` reports them; a test checks). The transformer
+    is built in `dtype`, as every preset's (build_preset)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -77,8 +106,9 @@ def tiny_sd3_components(seed: int) -> dict[str, object]:
         return CLIPTextModelWithProjection(config)
 
     with seeded(seed):
-        return {
-            "transformer": SD3Transformer2DModel(
+        transformer = build_transformer(
+            SD3Transformer2DModel,
+            dict(
                 sample_size=16,
                 patch_size=2,
                 in_channels=4,
@@ -93,6 +123,10 @@ def tiny_sd3_components(seed: int) -> dict[str, object]:
                 dual_attention_layers=(0,),
                 qk_norm="rms_norm",
             ),
+            dtype,
+        )
+        return {
+            "transformer": transformer,
             "vae": AutoencoderKL(
                 in_channels=3,
                 out_channels=3,
@@ -160,15 +194,16 @@ SD35M_VAE = dict(
 )
 
 
-def sd35m_components(seed: int) -> dict[str, object]:
-    """SD3.5-Medium's transformer and VAE from their configs, with random weights and no text
-    encoders (the bench feeds random prompt embeddings of the real shapes: models/synthetic.py).
-    Build it under `torch.device("cuda")` to initialise directly on the GPU."""
+def sd35m_components(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, object]:
+    """SD3.5-Medium's transformer (in `dtype`) and VAE from their configs, with random weights and
+    no text encoders (the bench feeds random prompt embeddings of the real shapes:
+    models/synthetic.py). Build it under `torch.device("cuda")` to initialise directly on the GPU."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     with seeded(seed):
+        transformer = build_transformer(SD3Transformer2DModel, SD35M_TRANSFORMER, dtype)
         return {
-            "transformer": SD3Transformer2DModel(**SD35M_TRANSFORMER),
+            "transformer": transformer,
             "vae": AutoencoderKL(**SD35M_VAE),
             "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         }
@@ -201,26 +236,170 @@ FLUX_DEV_SCHEDULER = dict(
 )
 
 
-def flux_dev_components(seed: int) -> dict[str, object]:
-    """FLUX.1-dev's transformer (11.9 B parameters) and VAE from their configs with random
-    weights and no text encoders (the bench feeds random prompt embeddings: models/synthetic.py)."""
+def flux_dev_components(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, object]:
+    """FLUX.1-dev's transformer (11.9 B parameters, in `dtype`) and VAE from their configs with
+    random weights and no text encoders (the bench feeds random prompt embeddings:
+    models/synthetic.py)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     with seeded(seed):
+        transformer = build_transformer(FluxTransformer2DModel, FLUX_DEV_TRANSFORMER, dtype)
         return {
-            "transformer": FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER),
+            "transformer": transformer,
             "vae": AutoencoderKL(**FLUX_VAE),
             "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
         }
 
 
-PRESETS = {"tiny-sd3": tiny_sd3_components, "sd35m": sd35m_components, "flux-dev": flux_dev_components}
-SYNTHETIC_TEXT_PRESETS = ("sd35m", "flux-dev")  # presets without text encoders
+# Qwen-Image's published configs (Qwen/Qwen-Image: transformer/config.json, vae/config.json,
+# scheduler/scheduler_config.json; the VAE's values are also AutoencoderKLQwenImage's defaults in
+# diffusers 0.42). 20.4 B transformer parameters.
+QWEN_IMAGE_TRANSFORMER = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,  # Qwen2.5-VL-7B's hidden size
+    guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+)
+# Wan 2.1's VAE statistics, which Qwen-Image's VAE (derived from it) shares
+WAN_LATENTS_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]  # fmt: skip
+WAN_LATENTS_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]  # fmt: skip
+QWEN_IMAGE_VAE = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],  # 8x spatial; one frame for images
+    dropout=0.0,
+    latents_mean=WAN_LATENTS_MEAN,
+    latents_std=WAN_LATENTS_STD,
+)
+QWEN_IMAGE_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=1.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=0.9,
+    base_image_seq_len=256,
+    max_image_seq_len=8192,
+    shift_terminal=0.02,
+    time_shift_type="exponential",
+)
 
 
-def build_preset(name: str, seed: int, device: torch.device | str = "cpu") -> dict[str, object]:
-    """The preset's components, initialised on `device`."""
+def qwen_image_components(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, object]:
+    """Qwen-Image's transformer (20.4 B parameters, in `dtype`) and VAE from their configs with
+    random weights and no text encoder (the bench feeds random Qwen2.5-VL embeddings:
+    models/synthetic.py)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    with seeded(seed):
+        transformer = build_transformer(QwenImageTransformer2DModel, QWEN_IMAGE_TRANSFORMER, dtype)
+        return {
+            "transformer": transformer,
+            "vae": AutoencoderKLQwenImage(**QWEN_IMAGE_VAE),
+            "scheduler": FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
+        }
+
+
+# Wan 2.1 T2V's published configs (Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers:
+# transformer/config.json, as diffusers' scripts/convert_wan_to_diffusers.py writes them; vae/ is
+# AutoencoderKLWan's defaults; scheduler/ is UniPC with flow sigmas at flow_shift 3.0, the 480p
+# setting). 1.42 B and 14.3 B transformer parameters.
+WAN21_1_3B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,  # UMT5-XXL's hidden size
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,  # text-to-video: no image conditioning
+    rope_max_seq_len=1024,
+)
+WAN21_14B_TRANSFORMER = {**WAN21_1_3B_TRANSFORMER, "num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824}
+WAN21_VAE = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    latents_mean=WAN_LATENTS_MEAN,
+    latents_std=WAN_LATENTS_STD,
+    scale_factor_temporal=4,
+    scale_factor_spatial=8,
+)
+WAN21_SCHEDULER = dict(  # the fields of its scheduler_config.json that are not UniPC's defaults
+    prediction_type="flow_prediction",
+    use_flow_sigmas=True,
+    flow_shift=3.0,
+)
+
+
+def wan21_components(transformer_config: dict, seed: int, dtype: torch.dtype) -> dict[str, object]:
+    """A Wan 2.1 T2V transformer (in `dtype`) and its VAE (float32, as WanAdapter keeps it) with
+    random weights and no text encoder (the bench feeds random UMT5 embeddings: models/synthetic.py)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+
+    with torch.device("cpu"):  # UniPC moves its sigmas to the CPU, which a meta tensor cannot
+        scheduler = UniPCMultistepScheduler(**WAN21_SCHEDULER)
+    with seeded(seed):
+        transformer = build_transformer(WanTransformer3DModel, transformer_config, dtype)
+        return {
+            "transformer": transformer,
+            "vae": AutoencoderKLWan(**WAN21_VAE),
+            "scheduler": scheduler,
+        }
+
+
+WAN21_TRANSFORMERS = {"wan2.1-1.3b": WAN21_1_3B_TRANSFORMER, "wan2.1-14b": WAN21_14B_TRANSFORMER}
+
+
+def wan21_1_3b_components(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, object]:
+    return wan21_components(WAN21_TRANSFORMERS["wan2.1-1.3b"], seed, dtype)
+
+
+def wan21_14b_components(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, object]:
+    return wan21_components(WAN21_TRANSFORMERS["wan2.1-14b"], seed, dtype)
+
+
+PRESETS = {
+    "tiny-sd3": tiny_sd3_components,
+    "sd35m": sd35m_components,
+    "flux-dev": flux_dev_components,
+    "qwen-image": qwen_image_components,
+    "wan2.1-1.3b": wan21_1_3b_components,
+    "wan2.1-14b": wan21_14b_components,
+}
+# presets without text encoders: models/synthetic.py feeds random embeddings of the real shapes
+SYNTHETIC_TEXT_PRESETS = ("sd35m", "flux-dev", "qwen-image", "wan2.1-1.3b", "wan2.1-14b")
+
+
+def build_preset(
+    name: str, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, object]:
+    """The preset's components, initialised on `device`; the transformer in `dtype` (the frozen
+    weights' dtype, so that a large one is never built in float32), the rest in float32."""
     if name not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
     with torch.device(device):
-        return PRESETS[name](seed)
+        return PRESETS[name](seed, dtype)

@@ -61,12 +61,16 @@ def _load_component(name: str, path: Path, weight_dtype: torch.dtype):
     return loaders[name].from_pretrained(path, torch_dtype=weight_dtype)
 
 
-def load_qwen_image_pipeline(config: ModelConfig, weight_dtype: torch.dtype):
-    """A QwenImagePipeline from model.path, components replaced by model.component_paths."""
+def load_qwen_image_pipeline(config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype):
+    """A QwenImagePipeline from model.path, components replaced by model.component_paths; or a
+    preset's random-init components, built on the device (the transformer in weight_dtype)."""
     from diffusers import QwenImagePipeline
 
-    if config.preset is not None:
-        raise ConfigError(f"model.preset: {config.preset} is not a Qwen-Image model (Qwen-Image loads from model.path)")
+    if config.preset is not None:  # a bench preset: random weights, no text encoder
+        from fastnft.models.presets import build_preset
+
+        components = build_preset(config.preset, seed, device, weight_dtype)
+        return QwenImagePipeline(**components, text_encoder=None, tokenizer=None).to(dtype=weight_dtype)
     qwen_component_paths(config)  # every component is there before anything loads
     overrides = {name: _load_component(name, Path(path), weight_dtype) for name, path in config.component_paths.items()}
     return QwenImagePipeline.from_pretrained(config.path, torch_dtype=weight_dtype, **overrides)
@@ -132,7 +136,7 @@ class QwenImageAdapter(ModelAdapter):
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype):
         return cls(
-            load_qwen_image_pipeline(config, weight_dtype),
+            load_qwen_image_pipeline(config, seed, device, weight_dtype),
             resolution=config.resolution,
             max_sequence_length=config.t5_max_length,
             device=device,
@@ -153,6 +157,10 @@ class QwenImageAdapter(ModelAdapter):
             )
         if config.vae_channels_last:
             raise ConfigError("model.vae_channels_last: the Qwen-Image VAE is 3-D (a frame axis); leave it false")
+        if config.preset is not None:  # the bench preset is Qwen-Image's published config
+            from fastnft.models.presets import QWEN_IMAGE_SCHEDULER
+
+            return ModelTraits(kind, dynamic_shift=QWEN_IMAGE_SCHEDULER["use_dynamic_shifting"])
         paths = qwen_component_paths(config)
         scheduler = read_json(paths["scheduler"] / "scheduler_config.json", "model.path")
         transformer = read_json(paths["transformer"] / "config.json", "model.path")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError, ModelConfig
-from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, to_unit_range, weight_dtype
+from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, to_unit_range
 from fastnft.models.flux import component_paths
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -46,6 +46,14 @@ def lora_targets(transformer: nn.Module) -> tuple[str, ...]:
     if transformer.config.get("added_kv_proj_dim") is not None:
         return (*ATTENTION_PROJECTIONS, *IMAGE_PROJECTIONS)
     return ATTENTION_PROJECTIONS
+
+
+def input_dtype(transformer: nn.Module) -> torch.dtype:
+    """The dtype the transformer takes its inputs in: its patch embedding's. Not its first
+    parameter's (adapter.weight_dtype): loading in bf16, diffusers keeps Wan's modulation tables
+    (scale_shift_table, its first parameter), time embedding and norms in float32
+    (WanTransformer3DModel._keep_in_fp32_modules). A DDP wrapper holds it in .module."""
+    return getattr(transformer, "module", transformer).patch_embedding.weight.dtype
 
 
 def video_shape(vae: Any, transformer: Any, resolution: int, frames: int) -> tuple[int, int, int, int]:
@@ -112,6 +120,13 @@ def _refuse_two_experts(index: Any, where: str) -> None:
         )
 
 
+def _preset_configs(preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The VAE and transformer configs of a Wan bench preset (models/presets.py)."""
+    from fastnft.models.presets import WAN21_TRANSFORMERS, WAN21_VAE
+
+    return WAN21_VAE, WAN21_TRANSFORMERS[preset]
+
+
 def _load_component(name: str, path: Path, weight_dtype: torch.dtype):
     from diffusers import (
         AutoencoderKLWan,
@@ -137,13 +152,17 @@ def _load_component(name: str, path: Path, weight_dtype: torch.dtype):
     return loaders[name].from_pretrained(path, torch_dtype=weight_dtype)
 
 
-def load_wan_pipeline(config: ModelConfig, weight_dtype: torch.dtype):
-    """A WanPipeline from model.path, components replaced by model.component_paths; the VAE in
-    float32 whatever the frozen weights' dtype."""
+def load_wan_pipeline(config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype):
+    """A WanPipeline from model.path, components replaced by model.component_paths; or a preset's
+    random-init components, built on the device. The VAE in float32 whatever the frozen weights'
+    dtype."""
     from diffusers import WanPipeline
 
-    if config.preset is not None:
-        raise ConfigError(f"model.preset: {config.preset} is not a Wan model (Wan loads from model.path)")
+    if config.preset is not None:  # a bench preset: random weights, no text encoder
+        from fastnft.models.presets import build_preset
+
+        components = build_preset(config.preset, seed, device, weight_dtype)
+        return WanPipeline(**components, text_encoder=None, tokenizer=None)
     paths = component_paths(config, COMPONENTS, "Wan")  # every component is there before anything loads
     overrides = {name: _load_component(name, Path(path), weight_dtype) for name, path in config.component_paths.items()}
     overrides.setdefault("vae", _load_component("vae", paths["vae"], weight_dtype))
@@ -169,7 +188,9 @@ class WanAdapter(ModelAdapter):
         self.vae = pipeline.vae
         self._sample_shape = video_shape(self.vae.config, self.transformer.config, resolution, frames)
         self.frames = frames
-        self.default_shift = scheduler_shift(pipeline.scheduler.config)
+        # the class name from the object: a scheduler built in memory (a preset's) has none in its config
+        scheduler = pipeline.scheduler
+        self.default_shift = scheduler_shift({**scheduler.config, "_class_name": type(scheduler).__name__})
         self.default_lora_targets = lora_targets(self.transformer)
         # Wan 2.2 TI2V takes a time per latent token (its image-conditioned tokens get time 0);
         # in text-to-video every token has the step's time, as WanPipeline's all-ones mask gives.
@@ -185,7 +206,7 @@ class WanAdapter(ModelAdapter):
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int, device: torch.device, weight_dtype: torch.dtype):
         return cls(
-            load_wan_pipeline(config, weight_dtype),
+            load_wan_pipeline(config, seed, device, weight_dtype),
             resolution=config.resolution,
             frames=DEFAULT_FRAMES if config.frames is None else config.frames,
             t5_max_length=config.t5_max_length,
@@ -199,15 +220,17 @@ class WanAdapter(ModelAdapter):
         strides), before anything loads."""
         from fastnft.models import INDEX, read_json
 
-        if config.preset is not None:
-            raise ConfigError(f"model.preset: {config.preset} is not a Wan model (Wan loads from model.path)")
         if config.vae_channels_last:  # its 3-D VAE mixes 2-D and 3-D convolutions: no one layout fits
             raise ConfigError("model.vae_channels_last: applies to 2-D VAEs; Wan's is 3-D, leave it false")
+        frames = DEFAULT_FRAMES if config.frames is None else config.frames
+        if config.preset is not None:  # a bench preset: its components' published configs
+            vae, transformer = _preset_configs(config.preset)
+            video_shape(vae, transformer, config.resolution, frames)
+            return ModelTraits(kind, video=True, frames=frames)
         paths = component_paths(config, COMPONENTS, "Wan")
         if config.path is not None and (Path(config.path) / INDEX).is_file():
             _refuse_two_experts(read_json(Path(config.path) / INDEX, "model.path"), str(Path(config.path) / INDEX))
         scheduler_shift(read_json(paths["scheduler"] / "scheduler_config.json", "model.path"))
-        frames = DEFAULT_FRAMES if config.frames is None else config.frames
         vae = read_json(paths["vae"] / "config.json", "model.path")
         transformer = read_json(paths["transformer"] / "config.json", "model.path")
         video_shape(vae, transformer, config.resolution, frames)
@@ -224,9 +247,9 @@ class WanAdapter(ModelAdapter):
         flow_shift makes the same static grid as every other family (fastnft.sampling)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        config = self.pipeline.scheduler.config
-        if config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+        if not isinstance(self.pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
             return super().timestep_grid(steps, shift)
+        config = self.pipeline.scheduler.config
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, **({} if shift is None else {"shift": shift}))
         scheduler.set_timesteps(steps)
         return scheduler.sigmas.to(torch.float32).cpu()
@@ -239,7 +262,7 @@ class WanAdapter(ModelAdapter):
         return TextEmbedding(sequence, sequence.new_zeros(len(prompts), 0))  # Wan has no pooled embedding
 
     def velocity(self, transformer: nn.Module, x: Tensor, t: Tensor, text: TextEmbedding) -> Tensor:
-        dtype = weight_dtype(transformer)
+        dtype = input_dtype(transformer)
         timestep = t * 1000.0
         if self.expand_timesteps:
             timestep = timestep[:, None].expand(-1, self.tokens)
