@@ -19,7 +19,8 @@
 #   bench/bench.json  fastnft bench --preset sd35m --flip none --warmup 1 --repeats 3: reference beside
 #                     fast, per phase and iteration, MFU, peak memory (bench.md and bench.png
 #                     regenerate from it: README)
-#   bench.log         its output, bench.md appended
+#   bench.log         its output, bench.md appended, then `fastnft plan`'s estimate of the fast path's
+#                     memory: its peak_gib beside the bench's torch.cuda.max_memory_allocated
 #   ledger.csv        the ledger rows of the bench, the loss-kernel benchmark and flux-dev
 #   nft_loss.tar.gz   the loss-kernel benchmark: its log, nft_loss.json, nft_loss.md
 #   pytest_gpu.log    pytest -m gpu (CUDA-only tests and the loss-kernel tests, compiled for real)
@@ -72,8 +73,8 @@ if ((DRY_RUN)); then
   OVERRIDES=()
   LOSS_ARGS=(--shapes tiny --device cpu)
   FLIPS=${FLIPS:-compile} # the one flip that compiles nothing more
-  #       env bench nft_loss pytest_gpu flips full_ft_8bit flux_dev
-  LIMITS=(60 150 90 90 90 90 90)
+  #       env bench nft_loss pytest_gpu flips full_ft_8bit flux_dev plan
+  LIMITS=(60 150 90 90 90 90 90 60)
 else
   MODE="GPU"
   PY=${PYTHON:-python3}
@@ -82,7 +83,7 @@ else
   read -r -a OVERRIDES <<<"${SD35M_OVERRIDES-rollout.groups=1}"
   LOSS_ARGS=()
   FLIPS=${FLIPS:-compile,bf16_weights,attention,rollout_cuda_graphs}
-  LIMITS=(60 210 100 90 300 240 300)
+  LIMITS=(60 210 100 90 300 240 300 90)
 fi
 MIN_STAGE_S=${MIN_STAGE_S:-30}
 EXTRAS=${EXTRAS-flips full_ft_8bit flux_dev}
@@ -243,6 +244,36 @@ if [ -f "$OUT/bench/bench.md" ]; then # the 8-file limit: bench.md into the log,
   { printf '\n== bench.md\n' && cat "$OUT/bench/bench.md"; } >>"$OUT/bench.log"
 fi
 rm -f "$OUT/bench/bench.md" "$OUT/bench/bench.png"
+
+# (b2) the memory plan of the bench's fast path beside what the bench measured, into bench.log:
+# fastnft plan's peak_gib (an estimate, traced on the meta device) and torch.cuda.max_memory_allocated
+plan_vs_bench() {
+  "$PY" - "$OUT/bench/bench.json" "$PRESET" <<'EOF'
+import json, sys
+from pathlib import Path
+
+from fastnft.config import load_config
+from fastnft.plan import Planner, resolve_source, table
+
+bench = json.loads(Path(sys.argv[1]).read_text())
+overrides = [*bench["overrides"], *bench.get("path_overrides", {}).get("fast", [])]
+config = load_config(resolve_source(sys.argv[2]), overrides)
+plan = Planner(lambda message: print(f"plan: {message} ...", flush=True)).plan(config, 1)
+print(table(plan, f"{sys.argv[2]}, the bench's fast path"))
+measured = (bench.get("max_memory_allocated_gib") or {}).get("fast")
+shown = f"{measured:.3f} GiB" if measured is not None else "n/a (no CUDA device)"
+print(f"memory, preset {sys.argv[2]}, fast path: plan peak_gib {plan.peak / 2**30:.3f} (estimate) | "
+      f"torch.cuda.max_memory_allocated {shown}")
+EOF
+}
+export -f plan_vs_bench
+export PRESET
+if [ -f "$OUT/bench/bench.json" ]; then
+  run_stage plan "${LIMITS[7]}" "$OUT/bench.log" bash -c plan_vs_bench
+  grep -h '^memory, preset' "$OUT/bench.log" || true
+else
+  record plan - 0 0 "skipped: no bench.json"
+fi
 
 # (c) the loss-kernel benchmark (moving from benchmarks/ to kernels/benchmarks/)
 loss_script=benchmarks/bench_nft_loss.py

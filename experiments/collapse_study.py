@@ -5,11 +5,11 @@ replays that iteration's rollout exactly (keyed randomness) with the checkpoint'
 measures, on the iteration's own samples:
 
 - per grid time t: the KL term to the base `mean (v_theta - v_ref)^2`, the old policy's lag
-  `mean (v_theta - v_old)^2`, and the gradient norms of the positive branch (weighted by r) and of
-  the negative branch (weighted by 1 - r) with the cosine between them. The branch gradients come
-  from the kernel package's loss itself: its gradient with respect to v_theta with r = 1 (the
-  positive term alone) or r = 0 (the negative term alone), weighted per row by r or 1 - r and
-  pulled back through the transformer;
+  `mean (v_theta - v_old)^2`, and the gradient norms of the positive branch (weighted by r), of
+  the negative branch (weighted by 1 - r) and of their sum (the update), with the cosine between
+  the branches. The branch gradients come from the kernel package's loss itself: its gradient
+  with respect to v_theta with r = 1 (the positive term alone) or r = 0 (the negative term
+  alone), weighted per row by r or 1 - r and pulled back through the transformer;
 - per prompt category: mean reward and sample norm `mean x0^2`;
 - the within-group correlation of reward with sample norm (does the reward prefer saturated
   samples?), and the sample norm of the positives (r > 0.5) and negatives.
@@ -46,7 +46,9 @@ def branch_gradients(trainer: Trainer, x0: Tensor, text, r: Tensor, index: int) 
         rows = torch.arange(start, min(start + size, len(x0)))
         clean, cond, weight = x0[rows], text.index(rows), r[rows]
         t = update.grid[index].expand(len(rows)).to(clean.device)
-        noise = keyed_randn(update.sample_shape, 0, index, rows.tolist(), "collapse_study", device=clean.device)
+        noise = keyed_randn(
+            update.sample_shape, 0, index, rows.tolist(), "training_noise", "study", device=clean.device
+        )
         t_b = t.view(-1, *[1] * (clean.ndim - 1))
         x_t = (1 - t_b) * clean + t_b * noise
         with torch.no_grad():
@@ -76,6 +78,7 @@ def branch_gradients(trainer: Trainer, x0: Tensor, text, r: Tensor, index: int) 
         "lag": lag / len(x0),
         "grad_positive": float(positive.norm()),
         "grad_negative": float(negative.norm()),
+        "grad_net": float((positive + negative).norm()),  # the update's direction is this small difference
         "cosine": float(positive @ negative / (positive.norm() * negative.norm()).clamp_min(1e-30)),
     }
 
@@ -113,7 +116,7 @@ def study_checkpoint(trainer: Trainer, iteration: int) -> dict:
             name: {"images": len(rows), "reward": float(scores[rows].mean()), "x0_norm": float(norms[rows].mean())}
             for name, rows in sorted(by_category.items())
         },
-        "times": [branch_gradients(trainer, x0, samples.text, r, j) for j in range(len(trainer.update.grid))],
+        "times": [branch_gradients(trainer, x0, samples.text, r, j) for j in range(trainer.config.rollout.steps)],
     }
 
 

@@ -5,6 +5,7 @@
     fastnft eval RUN_OR_CHECKPOINT [--prompts FILE] [--out DIR]
     fastnft pretrain shapes [--out DIR] [--steps N] ...
     fastnft bench --preset NAME [--out DIR] [--ledger PATH] [--phases ...] [key=value ...]
+    fastnft plan CONFIG_OR_PRESET [key=value ...] [--processes N] [--gpu-memory GIB] [--json]
 
 Configuration errors, and anything that fails while a command loads (a model that does not
 load, a bad prompt file), print one line naming the field or file and exit with code 2; any other
@@ -54,6 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, help="output directory (default RUN/samples/sample)")
 
     commands.add_parser("bench", help="throughput: the reference path beside the fast path (see fastnft bench -h)")
+    plan = commands.add_parser(
+        "plan",
+        help="estimate a run's GPU memory per process without allocating it (docs/plan.md)",
+        description="Builds the run's models on the meta device, traces one rollout batch and one training "
+        "step, and prints an ESTIMATE of the memory each process needs, in GiB (2^30 bytes).",
+    )
+    plan.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG_OR_PRESET key=value",
+        help="a YAML config file or a bench preset (sd35m, flux-dev, ...), then dotted overrides",
+    )
+    plan.add_argument("--processes", type=int, default=1, help="processes (GPUs) the run is spread over")
+    plan.add_argument("--gpu-memory", type=float, help="GiB per GPU: says whether the run fits, and what would help")
+    plan.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     pretrain = commands.add_parser("pretrain", help="pretrain an embedded task's base model", add_help=False)
     pretrain.add_argument("task", choices=["shapes"])
     pretrain.add_argument("task_arguments", nargs=argparse.REMAINDER, help="see fastnft pretrain shapes --help")
@@ -200,6 +216,15 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_plan(args: argparse.Namespace) -> int:
+    from fastnft.plan import run_plan
+
+    source, overrides = _split_config_and_overrides(args)
+    if source is None:
+        raise ConfigError("CONFIG_OR_PRESET: name a config file or a bench preset, e.g. fastnft plan sd35m")
+    return run_plan(source, overrides, processes=args.processes, gpu_memory=args.gpu_memory, as_json=args.json)
+
+
 def _one_line(message: str) -> str:
     """A message on one line (YAML's errors, for one, span several)."""
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
@@ -243,9 +268,9 @@ def _command(argv: list[str]) -> int:
         return pretrain_shapes(argv[2:])
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)  # overrides may follow options
-    if args.command == "train":
+    if args.command in ("train", "plan"):
         args.items += [item for item in unknown if not item.startswith("-")]
-    unknown = [item for item in unknown if item.startswith("-") or args.command != "train"]
+    unknown = [item for item in unknown if item.startswith("-") or args.command not in ("train", "plan")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "train":
@@ -256,6 +281,8 @@ def _command(argv: list[str]) -> int:
         check_model_rules(config)  # before anything is written
         train(config, run_dir, resume=resume, overwrite=args.overwrite, argv=argv)
         return 0
+    if args.command == "plan":
+        return command_plan(args)
     if args.command == "sample":
         return command_sample(args)
     return command_eval(args)

@@ -33,14 +33,16 @@ KL_ERROR_CLIP = 0.2
 KL_GAIN = 0.5
 
 
-def adapted_kl_coef(coef: float, kl: float, target: float) -> float:
+def adapted_kl_coef(coef: float, kl: float, target: float, floor: float) -> float:
     """The next iteration's KL coefficient: up when the iteration's mean KL term exceeded the
     target, down when it stayed below (the proportional controller of Ziegler et al., 2019, per
-    iteration). A non-finite kl (a skipped iteration) leaves it as it is."""
+    iteration), never below `floor` (nft.kl_coef): a run far inside its budget keeps the anchor it
+    was configured with, so the coefficient need not climb back from nothing when the budget is
+    reached. A non-finite kl (a skipped iteration) leaves it as it is."""
     if not math.isfinite(kl):
         return coef
     error = min(max(kl / target - 1, -KL_ERROR_CLIP), KL_ERROR_CLIP)
-    return coef * (1 + KL_GAIN * error)
+    return max(coef * (1 + KL_GAIN * error), floor)
 
 
 def lr_factor(schedule: str, iteration: int, iterations: int, final_fraction: float) -> float:

@@ -92,7 +92,10 @@ class NFTUpdate:
         optim = config.optim
         lr = optim.lr * lr_factor(optim.lr_schedule, iteration, config.iterations, optim.lr_final_fraction)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], Tensor):  # torchao's 8-bit AdamW keeps it as a tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         steps = config.rollout.steps
         trained_times = int(nft.timestep_fraction * steps)
         subsets = torch.stack(
@@ -145,7 +148,7 @@ class NFTUpdate:
         else:
             metrics["kl_coef"] = self.kl_coef
             if nft.kl_target is not None:
-                self.kl_coef = adapted_kl_coef(self.kl_coef, metrics["kl"], nft.kl_target)
+                self.kl_coef = adapted_kl_coef(self.kl_coef, metrics["kl"], nft.kl_target, nft.kl_coef)
         return metrics
 
     def _count_skip(self, iteration: int) -> None:

@@ -4,7 +4,7 @@
 import pytest
 
 from fastnft.cli import default_config_path
-from fastnft.config import load_config
+from fastnft.config import check_recipe, load_config
 from fastnft.sampling import timestep_grid
 
 CONFIGS = default_config_path().parent
@@ -33,3 +33,22 @@ def test_multireward_recipe_samples_25_steps_and_trains_on_24_times_per_image(pr
     assert (images, config.optim.steps_per_iteration, config.nft.micro_batch_size) == (1152, 1, 9)
     for processes in (1, 2, 4, 8):
         assert images % (config.optim.steps_per_iteration * processes * config.nft.micro_batch_size) == 0
+
+
+@pytest.mark.parametrize(
+    ("recipe", "preset"),
+    [
+        ("flux_dev_lora_1x24gb", "flux-dev"),
+        ("flux_dev_lora_1x80gb", "flux-dev"),
+        ("qwen_image_lora_2x80gb", "qwen-image"),
+        ("qwen_image_lora_1x80gb", "qwen-image"),
+        ("wan21_1.3b_lora_1x24gb", "wan2.1-1.3b"),
+        ("sd35m_full_1x80gb_8bit", "sd35m"),
+    ],
+)
+def test_the_few_gpu_recipes_load_and_divide_over_their_processes(prompt_file, recipe, preset):
+    config = load_config(CONFIGS / f"{recipe}.yaml", [f"model.preset={preset}", f"prompts.train={prompt_file}"])
+    processes = 2 if config.dist.strategy == "fsdp2" else 1
+    check_recipe(config, world_size=processes)
+    assert config.model.gradient_checkpointing  # every few-GPU recipe's plan counts on it
+    assert config.model.quantize == "none" or config.lora.enabled

@@ -1,5 +1,7 @@
 """Old-policy and EMA schedules, and the soft update, against hand-computed values."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -41,13 +43,14 @@ def test_soft_update_is_a_lerp():
         soft_update([target], [], 0.5)
 
 
-def test_the_adaptive_kl_coefficient_moves_towards_its_budget():
+def test_the_adaptive_kl_coefficient_moves_towards_its_budget_and_stays_above_its_floor():
     # above the budget by more than the clip: up by gain x clip = 10 %; below: down; at it: unchanged
-    assert adapted_kl_coef(0.1, kl=5.0, target=1.0) == pytest.approx(0.1 * (1 + 0.5 * 0.2))
-    assert adapted_kl_coef(0.1, kl=0.0, target=1.0) == pytest.approx(0.1 * (1 - 0.5 * 0.2))
-    assert adapted_kl_coef(0.1, kl=1.1, target=1.0) == pytest.approx(0.1 * 1.05)
-    assert adapted_kl_coef(0.1, kl=1.0, target=1.0) == 0.1
-    assert adapted_kl_coef(0.1, kl=float("nan"), target=1.0) == 0.1  # every step skipped: no evidence
+    assert adapted_kl_coef(0.2, kl=5.0, target=1.0, floor=0.1) == pytest.approx(0.2 * (1 + 0.5 * 0.2))
+    assert adapted_kl_coef(0.2, kl=0.0, target=1.0, floor=0.1) == pytest.approx(0.2 * (1 - 0.5 * 0.2))
+    assert adapted_kl_coef(0.2, kl=1.1, target=1.0, floor=0.1) == pytest.approx(0.2 * 1.05)
+    assert adapted_kl_coef(0.2, kl=1.0, target=1.0, floor=0.1) == 0.2
+    assert adapted_kl_coef(0.105, kl=0.0, target=1.0, floor=0.1) == 0.1  # 0.0945 would be below the floor
+    assert adapted_kl_coef(0.2, kl=float("nan"), target=1.0, floor=0.1) == 0.2  # every step skipped: no evidence
 
 
 def test_cosine_learning_rate_from_one_to_its_final_fraction():
@@ -57,4 +60,4 @@ def test_cosine_learning_rate_from_one_to_its_final_fraction():
     assert lr_factor("cosine", 10, 11, 0.1) == pytest.approx(0.1)
     assert lr_factor("cosine", 14, 11, 0.1) == pytest.approx(0.1)  # a run extended past its plan stays there
     factors = [lr_factor("cosine", i, 11, 0.0) for i in range(11)]
-    assert all(a > b for a, b in zip(factors, factors[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(factors))

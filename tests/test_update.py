@@ -127,8 +127,9 @@ def test_adaptive_kl_and_cosine_lr_follow_their_schedules_and_resume_exactly(tmp
     first, second = metrics_rows(tmp_path / "straight")
     lr = tiny_config().optim.lr
     assert (first["lr"], second["lr"]) == (pytest.approx(lr), pytest.approx(0.5 * lr))
-    # the first step's pairs all see trained == reference (KL 0, under budget): down 10 %; then the
-    # trained policy has moved past the budget: up again
+    # the first step's pairs all see trained == reference (KL 0, under budget): the coefficient stays
+    # at its floor, nft.kl_coef; then the trained policy has moved past the budget: up 10 %
     assert first["kl_coef"] == 0.1 and first["kl"] == 0 and second["kl"] > target
-    assert second["kl_coef"] == pytest.approx(0.09)
-    assert straight.update.kl_coef == pytest.approx(adapted_kl_coef(0.09, second["kl"], target)) == pytest.approx(0.099)
+    assert second["kl_coef"] == 0.1
+    assert straight.update.kl_coef == pytest.approx(adapted_kl_coef(0.1, second["kl"], target, 0.1))
+    assert straight.update.kl_coef == pytest.approx(0.11)

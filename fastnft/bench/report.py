@@ -29,6 +29,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {phase} | {row['reference']:.3g} | {row['fast']:.3g} | {row['speedup']:.2f}x | {row['unit']} | "
             f"{compile_s:.1f} |"
         )
+    peaks = result.get("max_memory_allocated_gib")
+    if peaks:
+        lines += [
+            "",
+            f"Peak GPU memory (torch.cuda.max_memory_allocated, GiB): "
+            f"reference {peaks['reference']:.2f}, fast {peaks['fast']:.2f}",
+        ]
     if result.get("switch_speedups"):
         lines += ["", "| switch | in the fast path | iteration time with it flipped / fast |", "|---|---|---|"]
         lines += [

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 
 from fastnft.bench.phases import PHASES, UNITS, PhaseRunner
-from fastnft.bench.switches import SWITCHES, applicable_switches, bench_config, fast_on, observe, preset_path
+from fastnft.bench.switches import (
+    SWITCHES,
+    applicable_switches,
+    bench_config,
+    fast_on,
+    observe,
+    path_overrides,
+    preset_path,
+)
 from fastnft.config import Config, load_config
 from fastnft.distributed import resolve_device
 from fastnft.trainer import Trainer
@@ -98,6 +106,8 @@ def run_bench(
         "seconds_per_call": {},
         "memory_gb": {},
         "switches": {},
+        # each path's overrides on top of `overrides` (fastnft plan re-plans the fast path with them)
+        "path_overrides": {path: path_overrides(path, device, probe) for path in ("reference", "fast")},
     }
     timings: dict[str, dict[str, dict[str, float]]] = {}
     work: dict[str, int] = {}
@@ -135,6 +145,10 @@ def run_bench(
             p: {k: timings[p][phase][k] for k in ("median_s", "q20_s", "q80_s")} for p in timings
         }
         result["memory_gb"][phase] = {p: timings[p][phase]["memory_gb"] for p in timings}
+    if device.type == "cuda":  # each path's peak over its phases: torch.cuda.max_memory_allocated
+        result["max_memory_allocated_gib"] = {
+            path: max(timings[path][phase]["memory_gb"] for phase in phases) for path in timings
+        }
 
     total = sum(flops.values())
     result["flop_shares"] = {name: value / total for name, value in flops.items()}

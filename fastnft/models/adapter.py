@@ -14,6 +14,11 @@ from fastnft.config import ModelConfig
 from fastnft.sampling import timestep_grid
 
 
+def present(modules: dict[str, nn.Module | None]) -> dict[str, nn.Module]:
+    """The modules that exist: a pipeline built from a preset has None for its text encoders."""
+    return {name: module for name, module in modules.items() if module is not None}
+
+
 @dataclass
 class TextEmbedding:
     """Conditioning of a batch: sequence [B, L, D] and pooled [B, P] embeddings (P = 0 for a
@@ -150,7 +155,8 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def frozen_modules(self) -> dict[str, nn.Module]:
-        """Every frozen module (text encoders, codec), by component name."""
+        """Every frozen module (text encoders, codec) the model holds, by component name (a preset
+        has no text encoders: `present` leaves them out)."""
 
     def text_encoders(self) -> dict[str, nn.Module]:
         """The frozen modules that encode text (named text_encoder*, as diffusers pipelines do)."""

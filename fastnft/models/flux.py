@@ -27,6 +27,7 @@ from fastnft.models.adapter import (
     TextEmbedding,
     decode_scaled_latents,
     encode_scaled_latents,
+    present,
     weight_dtype,
 )
 from fastnft.models.scheduler_grid import scheduler_grid
@@ -250,5 +251,5 @@ class FluxAdapter(ModelAdapter):
         return encode_scaled_latents(self.vae, images)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        pipeline = self.pipeline
-        return {"vae": self.vae, "text_encoder": pipeline.text_encoder, "text_encoder_2": pipeline.text_encoder_2}
+        encoders = {"text_encoder": self.pipeline.text_encoder, "text_encoder_2": self.pipeline.text_encoder_2}
+        return present({"vae": self.vae, **encoders})

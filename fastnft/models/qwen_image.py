@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError, ModelConfig
-from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, to_unit_range, weight_dtype
+from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, present, to_unit_range, weight_dtype
 from fastnft.models.flux import PACK, component_paths, pack, unpack
 from fastnft.models.scheduler_grid import scheduler_grid
 from fastnft.models.sd3 import JOINT_ATTENTION_PROJECTIONS
@@ -235,4 +235,4 @@ class QwenImageAdapter(ModelAdapter):
         return ((latents - self.latents_mean) / self.latents_std)[:, :, 0]
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.vae, "text_encoder": self.pipeline.text_encoder}
+        return present({"vae": self.vae, "text_encoder": self.pipeline.text_encoder})

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError, ModelConfig
-from fastnft.models.adapter import ModelAdapter, TextEmbedding, decode_scaled_latents, encode_scaled_latents
+from fastnft.models.adapter import ModelAdapter, TextEmbedding, decode_scaled_latents, encode_scaled_latents, present
 from fastnft.models.presets import build_preset
 
 # The default LoRA targets of the SD3 family: its eight joint-attention projections.
@@ -124,5 +124,4 @@ class SD3Adapter(ModelAdapter):
         return encode_scaled_latents(self.vae, images)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        modules = {name: getattr(self.pipeline, name) for name in COMPONENTS[1:]}
-        return {name: module for name, module in modules.items() if module is not None}
+        return present({name: getattr(self.pipeline, name) for name in COMPONENTS[1:]})

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fastnft.config import ConfigError, ModelConfig
-from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, to_unit_range
+from fastnft.models.adapter import ModelAdapter, ModelTraits, TextEmbedding, present, to_unit_range
 from fastnft.models.flux import component_paths
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -291,4 +291,4 @@ class WanAdapter(ModelAdapter):
         return ((latents - self.latents_mean) * self.latents_inverse_std).float()
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.vae, "text_encoder": self.pipeline.text_encoder}
+        return present({"vae": self.vae, "text_encoder": self.pipeline.text_encoder})
