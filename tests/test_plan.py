@@ -47,6 +47,8 @@ class LiveCpuBytes(TorchDispatchMode):
         self._resize = torch.UntypedStorage.resize_
 
     def add(self, storage: torch.UntypedStorage) -> None:
+        if storage.device.type != "cpu":  # a FakeTensor an earlier compile left alive reports "cpu" on meta storage
+            return
         pointer = storage.data_ptr()
         if pointer == 0 or pointer in self.sizes:
             return
