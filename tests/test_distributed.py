@@ -72,6 +72,23 @@ def assert_weights_moved(state_before: dict, state_after: dict) -> None:
     assert moved > 0
 
 
+def fsdp2_full_fine_tuning_matches_one_rank(family_overrides: list[str], tmp_path: Path) -> dict:
+    """A family's tiny model fully fine-tuned with FSDP2 on 2 processes and unsharded on 1 for 2
+    iterations: the same training state, weights that moved and the same last loss. Returns the
+    sharded run's final checkpoint, for the family's own checks."""
+    arguments = [str(TINY_CONFIG), *family_overrides, "logging.progress=false", "logging.tensorboard=false"]
+    arguments += ["lora.enabled=false", "dist.strategy=fsdp2", "eval.every=0"]
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    torchrun([*arguments, "--out", str(sharded)])
+    assert json.loads((sharded / "run.json").read_text())["processes"] == 2
+    assert main(["train", *arguments, "--out", str(single)]) == 0
+    end = checkpoint(sharded, 2, tmp_path)
+    assert_same_training_state(end, checkpoint(single, 2, tmp_path))
+    assert_weights_moved(checkpoint(sharded, 1, tmp_path), end)
+    assert training_rows(sharded)[-1]["loss"] == pytest.approx(training_rows(single)[-1]["loss"], rel=1e-4)
+    return end
+
+
 def resume_copy(run_dir: Path, target: Path, iteration: int) -> Path:
     """A copy of a finished run cut back to its checkpoint at `iteration`."""
     shutil.copytree(run_dir, target)

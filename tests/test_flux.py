@@ -18,14 +18,10 @@ from fastnft.models.presets import BASIC_WORDS, FLUX_DEV_SCHEDULER, FLUX_VAE, se
 from fastnft.rng import keyed_randn
 from fastnft.run import train
 from fastnft.trainer import Trainer
-from tests.helpers import TINY_CONFIG, assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
+from tests.helpers import assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
 from tests.test_distributed import (
-    assert_same_training_state,
-    assert_weights_moved,
-    checkpoint,
+    fsdp2_full_fine_tuning_matches_one_rank,
     one_thread,  # noqa: F401 (a fixture, used by name)
-    torchrun,
-    training_rows,
 )
 
 GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, and the adapter's
@@ -306,14 +302,5 @@ def test_the_flux_recipe_keeps_the_reference_nft_values(flux_dir, tmp_path):
 def test_fsdp2_full_fine_tuning_of_flux_matches_one_rank(flux_dir, tmp_path):
     """FLUX's double and single blocks sharded with FSDP2 on 2 processes train the weights one
     unsharded process trains."""
-    arguments = [str(TINY_CONFIG), *flux_overrides(flux_dir), "logging.progress=false", "logging.tensorboard=false"]
-    arguments += ["lora.enabled=false", "dist.strategy=fsdp2", "eval.every=0"]
-    sharded, single = tmp_path / "sharded", tmp_path / "single"
-    torchrun([*arguments, "--out", str(sharded)])
-    assert json.loads((sharded / "run.json").read_text())["processes"] == 2
-    assert main(["train", *arguments, "--out", str(single)]) == 0
-    end = checkpoint(sharded, 2, tmp_path)
-    assert_same_training_state(end, checkpoint(single, 2, tmp_path))
-    assert_weights_moved(checkpoint(sharded, 1, tmp_path), end)
+    end = fsdp2_full_fine_tuning_matches_one_rank(flux_overrides(flux_dir), tmp_path)
     assert any(name.startswith("single_transformer_blocks.") for name in end["policies"]["trained"])
-    assert training_rows(sharded)[-1]["loss"] == pytest.approx(training_rows(single)[-1]["loss"], rel=1e-4)

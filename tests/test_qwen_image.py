@@ -17,18 +17,14 @@ from PIL import Image
 from fastnft.cli import main
 from fastnft.models import TextEmbedding
 from fastnft.models.flux import pack, unpack
-from fastnft.models.presets import BASIC_WORDS, seeded
+from fastnft.models.presets import BASIC_WORDS, QWEN_IMAGE_SCHEDULER, seeded
 from fastnft.rng import keyed_randn
 from fastnft.run import train
 from fastnft.trainer import Trainer
-from tests.helpers import TINY_CONFIG, assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
+from tests.helpers import assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
 from tests.test_distributed import (
-    assert_same_training_state,
-    assert_weights_moved,
-    checkpoint,
+    fsdp2_full_fine_tuning_matches_one_rank,
     one_thread,  # noqa: F401 (a fixture, used by name)
-    torchrun,
-    training_rows,
 )
 
 # QwenImagePipeline's prompt template (its prompt_template_encode), from which it drops 34 tokens
@@ -38,17 +34,6 @@ TEMPLATE = (
     "<|im_start|>assistant\n"
 )
 DROPPED = 34  # QwenImagePipeline.prompt_template_encode_start_idx: the system prefix under Qwen's BPE
-SCHEDULER = dict(  # Qwen-Image's scheduler/scheduler_config.json
-    num_train_timesteps=1000,
-    shift=1.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=0.9,
-    base_image_seq_len=256,
-    max_image_seq_len=8192,
-    shift_terminal=0.02,
-    time_shift_type="exponential",
-)
 
 
 def qwen_word_tokenizer():
@@ -126,7 +111,7 @@ def tiny_qwen_image_components(seed: int) -> dict[str, object]:
                 Qwen2_5_VLConfig(text_config=text, vision_config=vision)
             ),
             "tokenizer": tokenizer,
-            "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+            "scheduler": FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
         }
 
 
@@ -419,14 +404,5 @@ def test_the_qwen_image_recipe_keeps_the_reference_nft_values(qwen_dir, tmp_path
 def test_fsdp2_full_fine_tuning_of_qwen_image_matches_one_rank(qwen_dir, tmp_path):
     """Qwen-Image's blocks sharded with FSDP2 (adapter.repeated_blocks) on 2 processes train the
     weights one unsharded process trains, the last block's text-only layers (no gradient) included."""
-    arguments = [str(TINY_CONFIG), *qwen_overrides(qwen_dir), "logging.progress=false", "logging.tensorboard=false"]
-    arguments += ["lora.enabled=false", "dist.strategy=fsdp2", "eval.every=0"]
-    sharded, single = tmp_path / "sharded", tmp_path / "single"
-    torchrun([*arguments, "--out", str(sharded)])
-    assert json.loads((sharded / "run.json").read_text())["processes"] == 2
-    assert main(["train", *arguments, "--out", str(single)]) == 0
-    end = checkpoint(sharded, 2, tmp_path)
-    assert_same_training_state(end, checkpoint(single, 2, tmp_path))
-    assert_weights_moved(checkpoint(sharded, 1, tmp_path), end)
+    end = fsdp2_full_fine_tuning_matches_one_rank(qwen_overrides(qwen_dir), tmp_path)
     assert "transformer_blocks.1.attn.to_add_out.weight" in end["policies"]["trained"]
-    assert training_rows(sharded)[-1]["loss"] == pytest.approx(training_rows(single)[-1]["loss"], rel=1e-4)

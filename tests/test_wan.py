@@ -22,14 +22,10 @@ from fastnft.run import train
 from fastnft.sampling import timestep_grid
 from fastnft.trainer import Trainer, build_rewards
 from fastnft.visual import even_frames
-from tests.helpers import TINY_CONFIG, assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
+from tests.helpers import assert_resume_is_bit_exact, metrics_rows, tiny_config, train_fails
 from tests.test_distributed import (
-    assert_same_training_state,
-    assert_weights_moved,
-    checkpoint,
+    fsdp2_full_fine_tuning_matches_one_rank,
     one_thread,  # noqa: F401 (a fixture, used by name)
-    torchrun,
-    training_rows,
 )
 
 FRAMES = 9  # 3 latent frames through the VAE's 4x temporal stride
@@ -359,14 +355,5 @@ def test_the_wan_recipe_keeps_the_reference_nft_values(wan_dir, tmp_path):
 def test_fsdp2_full_fine_tuning_of_wan_matches_one_rank(wan_dir, tmp_path):
     """Wan's blocks sharded with FSDP2 (adapter.repeated_blocks) on 2 processes train the weights
     one unsharded process trains."""
-    arguments = [str(TINY_CONFIG), *wan_overrides(wan_dir), "logging.progress=false", "logging.tensorboard=false"]
-    arguments += ["lora.enabled=false", "dist.strategy=fsdp2", "eval.every=0"]
-    sharded, single = tmp_path / "sharded", tmp_path / "single"
-    torchrun([*arguments, "--out", str(sharded)])
-    assert json.loads((sharded / "run.json").read_text())["processes"] == 2
-    assert main(["train", *arguments, "--out", str(single)]) == 0
-    end = checkpoint(sharded, 2, tmp_path)
-    assert_same_training_state(end, checkpoint(single, 2, tmp_path))
-    assert_weights_moved(checkpoint(sharded, 1, tmp_path), end)
+    end = fsdp2_full_fine_tuning_matches_one_rank(wan_overrides(wan_dir), tmp_path)
     assert any(name.startswith("blocks.1.ffn.") for name in end["policies"]["trained"])  # full fine-tuning
-    assert training_rows(sharded)[-1]["loss"] == pytest.approx(training_rows(single)[-1]["loss"], rel=1e-4)
